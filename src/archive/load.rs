@@ -1,0 +1,1 @@
+//! Writing a (thin) `docker load` tar stream.

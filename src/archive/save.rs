@@ -1,0 +1,1 @@
+//! Reading a `docker save` tar stream.

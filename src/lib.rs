@@ -1,0 +1,19 @@
+//! shoal: one daemon per box that turns a rack of container hosts into a
+//! self-service cloud of ready-to-use test environments.
+//!
+//! See `ARCHITECTURE.md` for the map of modules and the invariants that hold
+//! across them.
+
+pub mod admission;
+pub mod api;
+pub mod archive;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod docker;
+pub mod envs;
+pub mod host;
+pub mod model;
+pub mod store;
+pub mod units;
