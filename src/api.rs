@@ -1,1 +1,314 @@
-//! TODO
+//! The HTTP API (axum). The only module that knows HTTP: it turns requests
+//! into calls on [`Envs`] and the [`Store`], and every error into one JSON
+//! shape, `{"error": "...", "field": "..."}`, with the right status. A
+//! rejected request changes nothing.
+//!
+//! Routes (all JSON):
+//! - `GET  /v1/node`                  this node's facts and limits
+//! - `GET  /v1/images`                published builds, newest first
+//! - `GET  /v1/images/{ref}`          one published build
+//! - `POST /v1/images`                publish an image of this node's engine
+//! - `POST /v1/environments`          request an environment (202)
+//! - `GET  /v1/environments`          environments of this node
+//! - `GET  /v1/environments/{id}`     one environment
+//! - `DELETE /v1/environments/{id}`   stop and remove it
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use crate::docker::EngineInfo;
+use crate::envs::{EnvError, Envs};
+use crate::model::{EnvRequest, ErrorBody, FieldError, ImageInfo, NodeInfo, PublishRequest};
+use crate::store::{ImageRef, PublishHint, StoreError};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// Shared by every handler.
+pub struct AppState {
+    pub envs: Arc<Envs>,
+    pub engine: EngineInfo,
+}
+
+/// An error answer: status plus the JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: error.into(),
+                field: None,
+                resource: None,
+            },
+        }
+    }
+
+    pub fn field(status: StatusCode, field: &str, error: impl Into<String>) -> ApiError {
+        let mut e = ApiError::new(status, error);
+        e.body.field = Some(field.to_string());
+        e
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> Self {
+        ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::NotFound(_) => {
+                ApiError::field(StatusCode::NOT_FOUND, "image", e.to_string())
+            }
+            StoreError::AlreadyPublished(_) => {
+                ApiError::field(StatusCode::CONFLICT, "ref", e.to_string())
+            }
+            StoreError::BadArchive(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            }
+            _ => {
+                warn!(error = %e, "store error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
+    }
+}
+
+impl From<EnvError> for ApiError {
+    fn from(e: EnvError) -> Self {
+        match e {
+            EnvError::Refused { ref shortage, .. } => {
+                let mut a = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                a.body.resource = Some(shortage.resource().to_string());
+                a
+            }
+            EnvError::NotFound(_) => ApiError::field(StatusCode::NOT_FOUND, "id", e.to_string()),
+            EnvError::Store(s) => s.into(),
+            EnvError::Docker(_) => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
+            _ => {
+                warn!(error = %e, "environment error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
+    }
+}
+
+/// Parses a JSON body, naming the offending field on error. Any content
+/// type is accepted (curl's `-d` sends a form type by default).
+pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = format!("malformed request body: {inner}");
+        if path.is_empty() || path == "." {
+            // serde names an unknown or missing field only in its message.
+            let field = field_in_message(&inner.to_string());
+            match field {
+                Some(f) => ApiError::field(StatusCode::BAD_REQUEST, &f, msg),
+                None => ApiError::new(StatusCode::BAD_REQUEST, msg),
+            }
+        } else {
+            ApiError::field(StatusCode::BAD_REQUEST, &path, msg)
+        }
+    })
+}
+
+fn field_in_message(msg: &str) -> Option<String> {
+    let start = msg.find('`')? + 1;
+    let len = msg[start..].find('`')?;
+    Some(msg[start..start + len].to_string())
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/node", get(node))
+        .route("/v1/images", get(list_images).post(publish))
+        .route("/v1/images/{image}", get(get_image))
+        .route("/v1/environments", get(list_envs).post(create_env))
+        .route("/v1/environments/{id}", get(get_env).delete(delete_env))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// The body as bytes, with the size limit answered in JSON.
+async fn body_bytes(req: axum::extract::Request) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(req.into_body(), MAX_BODY)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is over {MAX_BODY} bytes"),
+            )
+        })
+}
+
+async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError> {
+    let envs = &s.envs;
+    let cap = envs.capacity()?;
+    let c = envs.committed();
+    Ok(Json(NodeInfo {
+        name: envs.settings().name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        memory_total: crate::host::total_memory(),
+        memory_allocatable: cap.memory_allocatable,
+        memory_committed: c.memory,
+        aio_max: cap.aio_max,
+        aio_in_use: cap.aio_in_use,
+        aio_committed: c.aio,
+        max_envs: cap.max_envs,
+        env_count: c.envs,
+        engine_version: s.engine.server_version.clone(),
+        storage_driver: s.engine.storage_driver.clone(),
+        containerd_store: s.engine.containerd_store,
+        storage_notes: crate::host::storage_notes(
+            &s.engine.storage_driver,
+            s.engine.containerd_store,
+        ),
+    }))
+}
+
+async fn list_images(State(s): State<Arc<AppState>>) -> Result<Json<Vec<ImageInfo>>, ApiError> {
+    let store = s.envs.store().clone();
+    let list = tokio::task::spawn_blocking(move || store.list())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(list.iter().map(ImageInfo::from).collect()))
+}
+
+fn parse_ref(field: &str, s: &str) -> Result<ImageRef, ApiError> {
+    s.parse().map_err(|e: crate::store::manifest::BadRef| {
+        ApiError::field(StatusCode::BAD_REQUEST, field, e.to_string())
+    })
+}
+
+async fn get_image(
+    State(s): State<Arc<AppState>>,
+    Path(image): Path<String>,
+) -> Result<Json<ImageInfo>, ApiError> {
+    let r = parse_ref("image", &image)?;
+    let store = s.envs.store().clone();
+    let m = tokio::task::spawn_blocking(move || store.get(&r))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(ImageInfo::from(&m)))
+}
+
+async fn publish(
+    State(s): State<Arc<AppState>>,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(req).await?;
+    let req: PublishRequest = parse_body(&body)?;
+    let r = parse_ref("ref", &req.image_ref)?;
+    let engine = s.envs.engine().clone();
+    let img = engine
+        .image(&req.source)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?
+        .ok_or_else(|| {
+            ApiError::field(
+                StatusCode::NOT_FOUND,
+                "source",
+                format!("image {} is not in this node's engine", req.source),
+            )
+        })?;
+    info!(source = %req.source, image = %r, layers = img.diff_ids.len(), "publishing");
+    let hint = PublishHint {
+        diff_ids: img.diff_ids.clone(),
+    };
+    let store = s.envs.store().clone();
+    let existed = {
+        let (st, r2) = (store.clone(), r.clone());
+        tokio::task::spawn_blocking(move || st.get(&r2).is_ok())
+            .await
+            .unwrap_or(false)
+    };
+    let (manifest, stats) =
+        crate::daemon::publish_from_engine(&engine, &store, &img.id, &r, hint).await?;
+    info!(image = %r, layers_added = stats.layers_added, bytes_added = stats.bytes_added, "published");
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(ImageInfo::from(&manifest))).into_response())
+}
+
+async fn create_env(
+    State(s): State<Arc<AppState>>,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(req).await?;
+    let req: EnvRequest = parse_body(&body)?;
+    let r = req.image_ref()?;
+    let store = s.envs.store().clone();
+    let manifest = tokio::task::spawn_blocking(move || store.get(&r))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let spec = req.check(&manifest.requirements, s.envs.settings().default_memory)?;
+    let rec = s.envs.create(spec, manifest)?;
+    let location = format!("/v1/environments/{}", rec.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(rec),
+    )
+        .into_response())
+}
+
+async fn list_envs(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(s.envs.list())
+}
+
+async fn get_env(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let rec = s.envs.get(&id).ok_or_else(|| {
+        ApiError::field(
+            StatusCode::NOT_FOUND,
+            "id",
+            format!("environment {id} not found"),
+        )
+    })?;
+    Ok(Json(rec).into_response())
+}
+
+async fn delete_env(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let rec = s.envs.delete(&id).await?;
+    Ok(Json(rec).into_response())
+}

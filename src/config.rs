@@ -1,1 +1,313 @@
-//! TODO
+//! Daemon configuration: a documented TOML file (`--config FILE`), flags on
+//! top of it, and the embedded default (a single node on this machine) when
+//! neither is given. Pure: parsing and checking only; `Settings` is the
+//! checked result the rest of the daemon uses.
+//!
+//! Every field is documented in `docs/config.md`, and `docs/shoal.example.toml`
+//! is parsed by a test so the example can never drift from the code.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{parse_duration, parse_size};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {message}")]
+    Field {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn field(field: &'static str, message: impl ToString) -> ConfigError {
+    ConfigError::Field {
+        field,
+        message: message.to_string(),
+    }
+}
+
+/// The config file, as written. Every field is optional; see
+/// `docs/config.md` for each one's meaning and default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Node name, unique in the cluster. Default: the host name.
+    pub name: Option<String>,
+    /// HTTP API address. Default: `127.0.0.1:7070`.
+    pub listen: Option<SocketAddr>,
+    /// Where the daemon keeps its own state. Default: `.shoal` under the
+    /// working directory.
+    pub data_dir: Option<PathBuf>,
+    /// The image store (an NFS mount shared by the nodes in production).
+    /// Default: `<data_dir>/store`.
+    pub store: Option<PathBuf>,
+    /// Memory environments may take in all (`"240GiB"`). Default: total
+    /// memory minus `memory_reserve`.
+    pub memory: Option<String>,
+    /// Memory kept for the host when `memory` is not set. Default `2GiB`.
+    pub memory_reserve: Option<String>,
+    /// Most environments at once (the seed's `maxpod`). Default 8.
+    pub max_envs: Option<u32>,
+    /// Memory for images that state none (`shoal.memory`). Default `256MiB`.
+    pub default_memory: Option<String>,
+    /// Host address environment ports are published on. Default `127.0.0.1`;
+    /// `0.0.0.0` makes them reachable from other machines.
+    pub publish_addr: Option<IpAddr>,
+    /// Host name or address put in endpoints. Default: `publish_addr`, or
+    /// the host name when that is `0.0.0.0`.
+    pub advertise_host: Option<String>,
+    /// How long a started environment may take to become ready. Default `5m`.
+    pub ready_timeout: Option<String>,
+    /// Cluster id: nodes only gossip with nodes of the same id. Default `shoal`.
+    pub cluster_id: Option<String>,
+    /// Gossip (UDP) listen address. Default `127.0.0.1:7946`.
+    pub gossip: Option<SocketAddr>,
+    /// Gossip address other nodes reach this one at. Default: `gossip`.
+    pub advertise: Option<SocketAddr>,
+    /// Gossip addresses of any existing members (`host:port`). The first node
+    /// names none.
+    pub seeds: Option<Vec<String>>,
+    /// `slave` (takes environments), `build`, `master`, `test`. Default: all.
+    pub roles: Option<Vec<String>>,
+    /// Free-form labels (`memory = "256GB"`, `rack = "3"`).
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+impl Config {
+    /// Reads a config file; unknown fields are an error.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Fields set in `over` replace those in `self` (flags over the file).
+    pub fn overlay(mut self, over: Config) -> Config {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
+        }
+        take!(
+            name,
+            listen,
+            data_dir,
+            store,
+            memory,
+            memory_reserve,
+            max_envs,
+            default_memory,
+            publish_addr,
+            advertise_host,
+            ready_timeout,
+            cluster_id,
+            gossip,
+            advertise,
+            seeds,
+            roles,
+            labels
+        );
+        self
+    }
+
+    /// Checks every field and fills in defaults. `total_memory` and
+    /// `hostname` come from the host, so this stays pure.
+    pub fn resolve(&self, total_memory: u64, hostname: &str) -> Result<Settings, ConfigError> {
+        let name = self.name.clone().unwrap_or_else(|| hostname.to_string());
+        let name_ok = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !name_ok {
+            return Err(field(
+                "name",
+                format!("`{name}` must be 1-63 characters of a-z, A-Z, 0-9, '-', '_', '.'"),
+            ));
+        }
+        let size =
+            |f: &'static str, v: &Option<String>, default: u64| -> Result<u64, ConfigError> {
+                v.as_deref()
+                    .map_or(Ok(default), |s| parse_size(s).map_err(|e| field(f, e)))
+            };
+        let reserve = size("memory_reserve", &self.memory_reserve, 2 << 30)?;
+        let memory_allocatable =
+            size("memory", &self.memory, total_memory.saturating_sub(reserve))?;
+        if memory_allocatable == 0 {
+            return Err(field("memory", "no memory left for environments"));
+        }
+        let max_envs = self.max_envs.unwrap_or(8);
+        if max_envs == 0 {
+            return Err(field("max_envs", "must be at least 1"));
+        }
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".shoal"));
+        let store = self.store.clone().unwrap_or_else(|| data_dir.join("store"));
+        let publish_addr = self.publish_addr.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let advertise_host = match &self.advertise_host {
+            Some(h) if h.trim().is_empty() => return Err(field("advertise_host", "is empty")),
+            Some(h) => h.clone(),
+            None if publish_addr.is_unspecified() => hostname.to_string(),
+            None => publish_addr.to_string(),
+        };
+        let ready_timeout = match &self.ready_timeout {
+            None => Duration::from_secs(300),
+            Some(s) => parse_duration(s).map_err(|e| field("ready_timeout", e))?,
+        };
+        let mut roles = Vec::new();
+        for r in self.roles.clone().unwrap_or_default() {
+            let r = r.trim().to_ascii_lowercase();
+            if !["slave", "build", "master", "test"].contains(&r.as_str()) {
+                return Err(field(
+                    "roles",
+                    format!("`{r}` is not one of slave, build, master, test"),
+                ));
+            }
+            if !roles.contains(&r) {
+                roles.push(r);
+            }
+        }
+        if roles.is_empty() {
+            roles = ["slave", "build", "master", "test"]
+                .map(String::from)
+                .to_vec();
+        }
+        let labels = self.labels.clone().unwrap_or_default();
+        for (k, v) in &labels {
+            let ok = !k.is_empty()
+                && k.len() <= 63
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                && v.len() <= 128
+                && v.is_ascii()
+                && !v.contains([',', '=', '\n']);
+            if !ok {
+                return Err(field(
+                    "labels",
+                    format!("`{k}={v}`: names are ASCII letters, digits, '-', '_', '.'; values ASCII without ',', '='"),
+                ));
+            }
+        }
+        let gossip = self
+            .gossip
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7946)));
+        Ok(Settings {
+            name,
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070))),
+            data_dir,
+            store,
+            memory_allocatable,
+            max_envs,
+            default_memory: size("default_memory", &self.default_memory, 256 << 20)?,
+            publish_addr,
+            advertise_host,
+            ready_timeout,
+            cluster_id: self.cluster_id.clone().unwrap_or_else(|| "shoal".into()),
+            gossip,
+            advertise: self.advertise.unwrap_or(gossip),
+            seeds: self.seeds.clone().unwrap_or_default(),
+            roles,
+            labels,
+        })
+    }
+}
+
+/// Checked configuration with every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub store: PathBuf,
+    pub memory_allocatable: u64,
+    pub max_envs: u32,
+    pub default_memory: u64,
+    pub publish_addr: IpAddr,
+    pub advertise_host: String,
+    pub ready_timeout: Duration,
+    pub cluster_id: String,
+    pub gossip: SocketAddr,
+    pub advertise: SocketAddr,
+    pub seeds: Vec<String>,
+    pub roles: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn embedded_default() {
+        let s = Config::default().resolve(24 * GIB, "box1").unwrap();
+        assert_eq!(s.name, "box1");
+        assert_eq!(s.listen.to_string(), "127.0.0.1:7070");
+        assert_eq!(s.store, PathBuf::from(".shoal/store"));
+        assert_eq!(s.memory_allocatable, 22 * GIB);
+        assert_eq!(s.max_envs, 8);
+        assert_eq!(s.advertise_host, "127.0.0.1");
+        assert_eq!(s.roles.len(), 4);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file: Config =
+            toml::from_str("name = \"a\"\nmax_envs = 4\nmemory = \"240GiB\"").unwrap();
+        let flags = Config {
+            max_envs: Some(2),
+            ..Default::default()
+        };
+        let s = file.overlay(flags).resolve(256 * GIB, "h").unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.max_envs, s.memory_allocatable),
+            ("a", 2, 240 * GIB)
+        );
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let err = |toml: &str| -> String {
+            let c: Config = match toml::from_str(toml) {
+                Ok(c) => c,
+                Err(e) => return e.to_string(),
+            };
+            c.resolve(8 * GIB, "h").unwrap_err().to_string()
+        };
+        assert!(err("memory = \"lots\"").contains("`memory`"));
+        assert!(err("max_envs = 0").contains("`max_envs`"));
+        assert!(err("roles = [\"boss\"]").contains("`roles`"));
+        assert!(err("name = \"a b\"").contains("`name`"));
+        assert!(err("ready_timeout = \"soon\"").contains("`ready_timeout`"));
+        assert!(err("colour = \"blue\"").contains("unknown field"));
+        assert!(err("labels = { \"mémoire\" = \"1\" }").contains("`labels`"));
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/shoal.example.toml");
+        let c = Config::from_file(&path).unwrap();
+        c.resolve(256 * GIB, "h").unwrap();
+    }
+}

@@ -1,1 +1,165 @@
-//! TODO
+//! Wiring of one node: connect the engine, open the store, recover the
+//! environments, serve the API, run the background workers, and shut down
+//! in order on a signal. `run` takes its listener and shutdown signal as
+//! arguments, so tests bind port 0 and stop it when they like.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::api::{router, AppState};
+use crate::config::Settings;
+use crate::docker::{DockerError, Engine};
+use crate::envs::{EnvError, Envs};
+use crate::store::{ImageRef, PublishHint, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Envs(#[from] EnvError),
+    #[error("serving http: {0}")]
+    Serve(std::io::Error),
+    #[error("publishing the demo image: {0}")]
+    Demo(String),
+}
+
+/// Options that are about this run, not the node's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Publish the embedded demo image as `demo:1` at start if missing.
+    pub demo: bool,
+}
+
+/// The demo build every new user can request right away.
+pub const DEMO_REF: &str = "demo:1";
+
+/// Runs the node until `shutdown` completes. Running environments are left
+/// running: a node that stops never takes its environments with it.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    opts: RunOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let engine = Engine::connect().await?;
+    let info = engine.info().await?;
+    info!(
+        node = %settings.name,
+        engine = %info.server_version,
+        api = %info.api_version,
+        storage_driver = %info.storage_driver,
+        containerd_store = info.containerd_store,
+        "docker engine connected"
+    );
+    for note in crate::host::storage_notes(&info.storage_driver, info.containerd_store) {
+        warn!(storage_driver = %info.storage_driver, "{note}");
+    }
+    std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
+        DaemonError::Store(StoreError::Io {
+            path: settings.data_dir.clone(),
+            source: e,
+        })
+    })?;
+    let store = Store::open(&settings.store)?;
+    if opts.demo {
+        ensure_demo(&engine, &store).await?;
+    }
+    let envs = Envs::recover(settings.clone(), engine, store).await?;
+    let state = Arc::new(AppState {
+        envs: envs.clone(),
+        engine: info,
+    });
+
+    // Reconcile worker: notices containers that stopped on their own and
+    // frees their room. Ends with the daemon.
+    let reconcile = {
+        let envs = envs.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                envs.reconcile().await;
+            }
+        })
+    };
+
+    let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+    info!(node = %settings.name, http = %addr, store = %settings.store.display(), "node ready");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let served = axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            info!("shutting down: no new requests; running environments stay up");
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        })
+        .await;
+    reconcile.abort();
+    served.map_err(DaemonError::Serve)
+}
+
+/// Builds the embedded demo image and publishes it as [`DEMO_REF`] unless
+/// the store has it already. The build's own tag is removed afterwards, so
+/// the first environment really loads the image from the store.
+pub async fn ensure_demo(engine: &Engine, store: &Store) -> Result<(), DaemonError> {
+    let r: ImageRef = DEMO_REF.parse().expect("valid ref");
+    let st = store.clone();
+    let r2 = r.clone();
+    if tokio::task::spawn_blocking(move || st.get(&r2).is_ok())
+        .await
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    let tag = "shoal-demo-build:latest";
+    let context = crate::demo::DemoImage::default().context_tar();
+    engine
+        .build(context, tag, Default::default(), Default::default())
+        .await?;
+    let img = engine
+        .image(tag)
+        .await?
+        .ok_or_else(|| DaemonError::Demo("the built image is missing".into()))?;
+    let hint = PublishHint {
+        diff_ids: img.diff_ids.clone(),
+    };
+    publish_from_engine(engine, store, &img.id, &r, hint).await?;
+    engine.remove_image(tag).await?;
+    info!(image = %r, "demo image published");
+    Ok(())
+}
+
+/// Streams `docker save` of `source` into the store as `r`.
+pub async fn publish_from_engine(
+    engine: &Engine,
+    store: &Store,
+    source: &str,
+    r: &ImageRef,
+    hint: PublishHint,
+) -> Result<(crate::store::Manifest, crate::store::PublishStats), StoreError> {
+    use futures::TryStreamExt;
+    let stream = engine.export(source).map_err(std::io::Error::other);
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let store = store.clone();
+    let r = r.clone();
+    tokio::task::spawn_blocking(move || store.publish(reader, &r, &hint))
+        .await
+        .map_err(|e| StoreError::Sink(std::io::Error::other(e)))?
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => info!(signal = "SIGINT", "signal received"),
+    }
+}

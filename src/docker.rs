@@ -1,1 +1,460 @@
-//! TODO
+//! The Docker engine, through bollard. This is the only module that imports
+//! bollard: everything else speaks in shoal's terms (environments, layers,
+//! digests), so the rest of the crate neither knows nor cares which API
+//! version the engine speaks.
+//!
+//! The engine is the truth for what runs on this node: every environment
+//! container carries its immutable record in labels (see [`labels`]), and a
+//! restarted daemon rebuilds its view from them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::query_parameters::{
+    BuildImageOptions, CreateContainerOptions, ImportImageOptions, ListContainersOptions,
+    ListImagesOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions,
+};
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+
+use crate::archive::{chain_ids, Digest};
+
+/// Labels shoal puts on every environment container.
+pub mod labels {
+    pub const NODE: &str = "shoal.node";
+    pub const ENV_ID: &str = "shoal.env.id";
+    pub const OWNER: &str = "shoal.env.owner";
+    pub const IMAGE: &str = "shoal.env.image";
+    pub const MEMORY: &str = "shoal.env.memory";
+    pub const AIO: &str = "shoal.env.aio";
+    pub const CREATED_AT: &str = "shoal.env.created_at";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("cannot reach the docker engine: {0}")]
+    Connect(String),
+    #[error("docker {op}: {source}")]
+    Api {
+        op: &'static str,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("docker load: {0}")]
+    Load(String),
+    #[error("docker build: {0}")]
+    Build(String),
+}
+
+fn api(op: &'static str) -> impl FnOnce(bollard::errors::Error) -> DockerError {
+    move |source| DockerError::Api { op, source }
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// What the engine says about itself.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineInfo {
+    pub server_version: String,
+    pub api_version: String,
+    pub storage_driver: String,
+    /// The storage driver's own status lines (backing filesystem, …).
+    pub driver_status: Vec<(String, String)>,
+    /// Whether images live in containerd's image store (Docker ≥ 24 with
+    /// the containerd snapshotter) rather than the classic graph driver.
+    pub containerd_store: bool,
+    pub root_dir: String,
+    pub total_memory: u64,
+}
+
+/// An image in the engine, as far as shoal cares.
+#[derive(Debug, Clone)]
+pub struct ImageFacts {
+    pub id: String,
+    pub diff_ids: Vec<Digest>,
+    pub labels: HashMap<String, String>,
+    pub tags: Vec<String>,
+}
+
+/// A container to create for an environment.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub memory: u64,
+    pub env: BTreeMap<String, String>,
+    pub labels: HashMap<String, String>,
+    /// Container TCP ports to publish on ephemeral host ports.
+    pub ports: Vec<u16>,
+    /// Host address the ports are published on.
+    pub publish_addr: String,
+}
+
+/// A container as the engine reports it.
+#[derive(Debug, Clone)]
+pub struct ContainerFacts {
+    pub id: String,
+    pub running: bool,
+    pub exit_code: Option<i64>,
+    pub oom_killed: bool,
+    /// `starting`, `healthy`, `unhealthy`, or `None` without a healthcheck.
+    pub health: Option<String>,
+    /// (container port, host port) of published TCP ports.
+    pub ports: Vec<(u16, u16)>,
+    pub labels: HashMap<String, String>,
+}
+
+/// A connection to the local Docker engine.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    docker: bollard::Docker,
+}
+
+/// Loads and builds upload whole images through one request, so the
+/// client-side timeout must cover the largest image, not a small call.
+const LONG_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+impl Engine {
+    /// Connects to the engine named by `DOCKER_HOST`, or the default socket,
+    /// and agrees on an API version the engine speaks.
+    pub async fn connect() -> Result<Engine, DockerError> {
+        let docker = bollard::Docker::connect_with_defaults()
+            .map_err(|e| DockerError::Connect(e.to_string()))?
+            .with_timeout(LONG_TIMEOUT);
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| DockerError::Connect(e.to_string()))?;
+        docker
+            .ping()
+            .await
+            .map_err(|e| DockerError::Connect(e.to_string()))?;
+        Ok(Engine { docker })
+    }
+
+    pub async fn info(&self) -> Result<EngineInfo, DockerError> {
+        let info = self.docker.info().await.map_err(api("info"))?;
+        let version = self.docker.version().await.map_err(api("version"))?;
+        let driver_status: Vec<(String, String)> = info
+            .driver_status
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|kv| match kv.as_slice() {
+                [k, v] => Some((k.clone(), v.clone())),
+                _ => None,
+            })
+            .collect();
+        let containerd_store = driver_status
+            .iter()
+            .any(|(k, v)| k == "driver-type" && v.contains("snapshotter"));
+        Ok(EngineInfo {
+            server_version: info.server_version.unwrap_or_default(),
+            api_version: version.api_version.unwrap_or_default(),
+            storage_driver: info.driver.unwrap_or_default(),
+            driver_status,
+            containerd_store,
+            root_dir: info.docker_root_dir.unwrap_or_default(),
+            total_memory: info.mem_total.unwrap_or(0).max(0) as u64,
+        })
+    }
+
+    /// The image `reference` (tag or id), or `None` when the engine lacks it.
+    pub async fn image(&self, reference: &str) -> Result<Option<ImageFacts>, DockerError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(img) => {
+                let diff_ids = img
+                    .root_fs
+                    .and_then(|r| r.layers)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|l| l.parse().ok())
+                    .collect();
+                Ok(Some(ImageFacts {
+                    id: img.id.unwrap_or_default(),
+                    diff_ids,
+                    labels: img.config.and_then(|c| c.labels).unwrap_or_default(),
+                    tags: img.repo_tags.unwrap_or_default(),
+                }))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(api("inspect image")(e)),
+        }
+    }
+
+    /// Every chain id the engine's layer store holds: each image's layer
+    /// list and all its prefixes. (The engine API has no call that lists
+    /// layers; an image's presence implies its whole chain is present.)
+    pub async fn held_chain_ids(&self) -> Result<HashSet<Digest>, DockerError> {
+        let images = self
+            .docker
+            .list_images(Some(ListImagesOptions {
+                all: true,
+                ..Default::default()
+            }))
+            .await
+            .map_err(api("list images"))?;
+        let mut held = HashSet::new();
+        for summary in images {
+            if let Some(img) = self.image(&summary.id).await? {
+                held.extend(chain_ids(&img.diff_ids));
+            }
+        }
+        Ok(held)
+    }
+
+    /// The `docker save` tar stream of one image.
+    pub fn export(
+        &self,
+        reference: &str,
+    ) -> impl Stream<Item = Result<Bytes, DockerError>> + Send + 'static {
+        self.docker
+            .export_image(reference)
+            .map_err(|source| DockerError::Api { op: "save", source })
+            .boxed()
+    }
+
+    /// Sends a `docker load` archive. Succeeds only when the engine reports
+    /// the image loaded: a stream error, an `errorDetail`, or an `Error
+    /// unpacking image` line (how the containerd store reports a failed
+    /// unpack) all fail the load. Returns the engine's messages.
+    pub async fn load<S>(&self, archive: S) -> Result<String, DockerError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    {
+        let mut out = String::new();
+        let mut stream = self.docker.import_image_stream(
+            ImportImageOptions {
+                quiet: true,
+                platform: None,
+            },
+            archive,
+            None,
+        );
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| DockerError::Load(e.to_string()))?;
+            if let Some(s) = info.stream.or(info.status) {
+                if s.contains("Error unpacking image") {
+                    return Err(DockerError::Load(s.trim().to_string()));
+                }
+                out.push_str(&s);
+            }
+        }
+        if !out.contains("Loaded image") {
+            return Err(DockerError::Load(format!(
+                "the engine did not report a loaded image: {}",
+                out.trim()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Builds an image from a tar build context and tags it. Returns the
+    /// build log; a failed step is [`DockerError::Build`] with the log.
+    pub async fn build(
+        &self,
+        context: Vec<u8>,
+        tag: &str,
+        build_args: HashMap<String, String>,
+        labels: HashMap<String, String>,
+    ) -> Result<String, DockerError> {
+        let opts = BuildImageOptions {
+            t: Some(tag.to_string()),
+            rm: true,
+            forcerm: true,
+            buildargs: Some(build_args),
+            labels: Some(labels),
+            ..Default::default()
+        };
+        let mut log = String::new();
+        let mut stream =
+            self.docker
+                .build_image(opts, None, Some(bollard::body_full(Bytes::from(context))));
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(s) = info.stream {
+                        log.push_str(&s);
+                    }
+                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                        log.push_str(&e);
+                        return Err(DockerError::Build(log));
+                    }
+                }
+                Err(e) => {
+                    log.push_str(&e.to_string());
+                    return Err(DockerError::Build(log));
+                }
+            }
+        }
+        Ok(log)
+    }
+
+    /// Removes an image tag (and the image when nothing else refers to it).
+    /// A missing image is not an error.
+    pub async fn remove_image(&self, reference: &str) -> Result<(), DockerError> {
+        match self
+            .docker
+            .remove_image(
+                reference,
+                Some(RemoveImageOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(api("remove image")(e)),
+        }
+    }
+
+    /// Creates and starts an environment container; returns its id.
+    pub async fn run(&self, spec: &ContainerSpec) -> Result<String, DockerError> {
+        let port_bindings: HashMap<String, Option<Vec<PortBinding>>> = spec
+            .ports
+            .iter()
+            .map(|p| {
+                (
+                    format!("{p}/tcp"),
+                    Some(vec![PortBinding {
+                        host_ip: Some(spec.publish_addr.clone()),
+                        host_port: Some(String::new()),
+                    }]),
+                )
+            })
+            .collect();
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(spec.labels.clone()),
+            exposed_ports: Some(spec.ports.iter().map(|p| format!("{p}/tcp")).collect()),
+            host_config: Some(HostConfig {
+                memory: Some(spec.memory as i64),
+                memory_swap: Some(spec.memory as i64),
+                port_bindings: Some(port_bindings),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(spec.name.clone()),
+                    platform: String::new(),
+                }),
+                body,
+            )
+            .await
+            .map_err(api("create container"))?;
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            let _ = self.remove_container(&created.id).await;
+            return Err(api("start container")(e));
+        }
+        Ok(created.id)
+    }
+
+    /// The container `id`, or `None` when it is gone.
+    pub async fn container(&self, id: &str) -> Result<Option<ContainerFacts>, DockerError> {
+        let c = match self.docker.inspect_container(id, None).await {
+            Ok(c) => c,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(api("inspect container")(e)),
+        };
+        let state = c.state.unwrap_or_default();
+        let mut ports = Vec::new();
+        for (key, bindings) in c.network_settings.and_then(|n| n.ports).unwrap_or_default() {
+            let Some(cport) = key.strip_suffix("/tcp").and_then(|p| p.parse::<u16>().ok()) else {
+                continue;
+            };
+            if let Some(hport) = bindings
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|b| b.host_port.as_deref()?.parse::<u16>().ok())
+                .next()
+            {
+                ports.push((cport, hport));
+            }
+        }
+        ports.sort_unstable();
+        Ok(Some(ContainerFacts {
+            id: c.id.unwrap_or_default(),
+            running: state.running.unwrap_or(false),
+            exit_code: state.exit_code,
+            oom_killed: state.oom_killed.unwrap_or(false),
+            health: state
+                .health
+                .and_then(|h| h.status)
+                .map(|s| s.to_string())
+                .filter(|s| !s.is_empty() && s != "none"),
+            ports,
+            labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
+        }))
+    }
+
+    /// Ids of every container (running or not) labelled as an environment
+    /// of node `node`.
+    pub async fn env_containers(&self, node: &str) -> Result<Vec<String>, DockerError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{}={node}", labels::NODE)],
+        )]);
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(api("list containers"))?;
+        Ok(list.into_iter().filter_map(|c| c.id).collect())
+    }
+
+    /// Stops and removes a container. A missing container is not an error.
+    pub async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
+        match self
+            .docker
+            .remove_container(
+                id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(api("remove container")(e)),
+        }
+    }
+
+    /// The last `lines` lines of a container's output, for error messages.
+    pub async fn logs_tail(&self, id: &str, lines: usize) -> String {
+        let opts = LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: lines.to_string(),
+            ..Default::default()
+        };
+        let chunks: Vec<_> = self.docker.logs(id, Some(opts)).collect().await;
+        let mut out = String::new();
+        for c in chunks.into_iter().flatten() {
+            out.push_str(&String::from_utf8_lossy(&c.into_bytes()));
+        }
+        out
+    }
+}

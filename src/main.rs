@@ -1,1 +1,420 @@
-fn main() {}
+//! The `shoal` binary: `shoal daemon` runs a node; every other subcommand
+//! is a client of some node's HTTP API (`--node URL` or `SHOAL_NODE`).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use shoal::client::Client;
+use shoal::config::Config;
+use shoal::model::{EnvRecord, EnvStatus, ImageInfo, NodeInfo};
+use shoal::units::format_size;
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Ready-to-use test environments on a rack of container hosts"
+)]
+struct Cli {
+    /// The node to talk to (client subcommands).
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_NODE",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    node: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run this machine's node. With no arguments: a single node on this
+    /// machine, HTTP on 127.0.0.1:7070, state under ./.shoal.
+    Daemon(Box<DaemonArgs>),
+    /// Publish an image of the node's engine as `name:build`.
+    Publish {
+        /// Image in the node's Docker engine (tag or id).
+        source: String,
+        /// `name:build` to publish it as.
+        image_ref: String,
+    },
+    /// List published builds.
+    Images {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Request an environment of a published build.
+    Create {
+        /// `name:build`.
+        image: String,
+        /// Who it is for (an email address).
+        #[arg(long)]
+        owner: String,
+        /// Memory, e.g. `32GiB` (at least what the image states).
+        #[arg(long)]
+        memory: Option<String>,
+        /// AIO contexts (at least what the image states).
+        #[arg(long)]
+        aio: Option<u64>,
+        /// Environment variables, `KEY=VALUE`, repeatable.
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Wait until it is ready (or failed) and print it then.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List environments.
+    Envs {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one environment.
+    Env { id: String },
+    /// Delete an environment (stops and removes its container).
+    Delete { id: String },
+    /// Show the node's facts and limits.
+    Node {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// TOML config file (see docs/config.md); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Publish the embedded demo image as `demo:1` at start if missing.
+    #[arg(long)]
+    demo: bool,
+    #[arg(long)]
+    name: Option<String>,
+    /// HTTP API address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Image store directory (an NFS mount in production).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Memory environments may take in all, e.g. `240GiB`.
+    #[arg(long)]
+    memory: Option<String>,
+    #[arg(long)]
+    memory_reserve: Option<String>,
+    /// Most environments at once.
+    #[arg(long)]
+    max_envs: Option<u32>,
+    #[arg(long)]
+    default_memory: Option<String>,
+    /// Host address environment ports are published on.
+    #[arg(long)]
+    publish_addr: Option<IpAddr>,
+    /// Host name put in endpoints.
+    #[arg(long)]
+    advertise_host: Option<String>,
+    /// How long a start may take to become ready, e.g. `5m`.
+    #[arg(long)]
+    ready_timeout: Option<String>,
+    #[arg(long)]
+    cluster_id: Option<String>,
+    /// Gossip (UDP) listen address.
+    #[arg(long)]
+    gossip: Option<SocketAddr>,
+    /// Gossip address other nodes reach this one at.
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
+    /// Gossip address of an existing member, repeatable.
+    #[arg(long = "seed")]
+    seeds: Vec<String>,
+    /// slave, build, master or test; repeatable. Default: all.
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// KEY=VALUE, repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+}
+
+impl DaemonArgs {
+    fn to_config(&self) -> Result<Config> {
+        let labels = if self.labels.is_empty() {
+            None
+        } else {
+            Some(parse_kv(&self.labels, "--label")?)
+        };
+        Ok(Config {
+            name: self.name.clone(),
+            listen: self.listen,
+            data_dir: self.data_dir.clone(),
+            store: self.store.clone(),
+            memory: self.memory.clone(),
+            memory_reserve: self.memory_reserve.clone(),
+            max_envs: self.max_envs,
+            default_memory: self.default_memory.clone(),
+            publish_addr: self.publish_addr,
+            advertise_host: self.advertise_host.clone(),
+            ready_timeout: self.ready_timeout.clone(),
+            cluster_id: self.cluster_id.clone(),
+            gossip: self.gossip,
+            advertise: self.advertise,
+            seeds: (!self.seeds.is_empty()).then(|| self.seeds.clone()),
+            roles: (!self.roles.is_empty()).then(|| self.roles.clone()),
+            labels,
+        })
+    }
+}
+
+fn parse_kv(items: &[String], flag: &str) -> Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("{flag} {kv}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "shoal=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Daemon(args) => daemon(*args).await,
+            cmd => client_cmd(&cli.node, cmd).await,
+        }
+    })
+}
+
+async fn daemon(args: DaemonArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    let config = file.overlay(args.to_config()?);
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    let settings = config.resolve(shoal::host::total_memory(), &hostname)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let opts = shoal::daemon::RunOptions { demo: args.demo };
+    shoal::daemon::run(settings, listener, opts, shoal::daemon::shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
+    let client = Client::new(node, Duration::from_secs(600))?;
+    match cmd {
+        Cmd::Daemon(_) => unreachable!("handled in main"),
+        Cmd::Publish { source, image_ref } => {
+            let img: ImageInfo = client
+                .post("/v1/images", &json!({"source": source, "ref": image_ref}))
+                .await?;
+            println!(
+                "published {} ({} layers, {} uncompressed, {} in the store)",
+                img.image_ref,
+                img.layers,
+                format_size(img.size),
+                format_size(img.compressed_size)
+            );
+        }
+        Cmd::Images { json } => {
+            let list: Vec<ImageInfo> = client.get("/v1/images").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.image_ref.clone(),
+                            format_size(i.size),
+                            format_size(i.compressed_size),
+                            i.layers.to_string(),
+                            i.requirements.memory.map(format_size).unwrap_or("-".into()),
+                            i.requirements.aio.to_string(),
+                            i.published_at.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "REF",
+                        "SIZE",
+                        "STORED",
+                        "LAYERS",
+                        "MEMORY",
+                        "AIO",
+                        "PUBLISHED",
+                    ],
+                    rows,
+                );
+            }
+        }
+        Cmd::Create {
+            image,
+            owner,
+            memory,
+            aio,
+            env,
+            wait,
+        } => {
+            let mut body = json!({"image": image, "owner": owner});
+            if let Some(m) = memory {
+                body["memory"] = json!(m);
+            }
+            if let Some(a) = aio {
+                body["aio"] = json!(a);
+            }
+            if !env.is_empty() {
+                body["env"] = json!(parse_kv(&env, "--env")?);
+            }
+            let mut rec: EnvRecord = client.post("/v1/environments", &body).await?;
+            if wait {
+                while matches!(
+                    rec.status,
+                    EnvStatus::Pending | EnvStatus::Loading | EnvStatus::Starting
+                ) {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    rec = client.get(&format!("/v1/environments/{}", rec.id)).await?;
+                }
+            }
+            print_env(&rec);
+            if rec.status == EnvStatus::Failed {
+                bail!("environment {} failed", rec.id);
+            }
+        }
+        Cmd::Envs { json } => {
+            let list: Vec<EnvRecord> = client.get("/v1/environments").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.id.clone(),
+                            e.image.to_string(),
+                            e.owner.clone(),
+                            e.node.clone(),
+                            e.status.to_string(),
+                            format_size(e.memory),
+                            e.endpoints
+                                .iter()
+                                .map(|p| p.to_string())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ID",
+                        "IMAGE",
+                        "OWNER",
+                        "NODE",
+                        "STATUS",
+                        "MEMORY",
+                        "ENDPOINTS",
+                    ],
+                    rows,
+                );
+            }
+        }
+        Cmd::Env { id } => {
+            let rec: EnvRecord = client.get(&format!("/v1/environments/{id}")).await?;
+            println!("{}", serde_json::to_string_pretty(&rec)?);
+        }
+        Cmd::Delete { id } => {
+            let rec: EnvRecord = client.delete(&format!("/v1/environments/{id}")).await?;
+            println!("{} {}", rec.id, rec.status);
+        }
+        Cmd::Node { json } => {
+            let n: NodeInfo = client.get("/v1/node").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&n)?);
+            } else {
+                println!("node        {} (shoal {})", n.name, n.version);
+                println!(
+                    "memory      {} committed of {} allocatable ({} total)",
+                    format_size(n.memory_committed),
+                    format_size(n.memory_allocatable),
+                    format_size(n.memory_total)
+                );
+                println!(
+                    "aio         {} committed, {} in use, max {}",
+                    n.aio_committed, n.aio_in_use, n.aio_max
+                );
+                println!("envs        {} of {}", n.env_count, n.max_envs);
+                println!(
+                    "engine      docker {}, storage driver {}{}",
+                    n.engine_version,
+                    n.storage_driver,
+                    if n.containerd_store {
+                        " (containerd image store)"
+                    } else {
+                        ""
+                    }
+                );
+                for note in n.storage_notes {
+                    println!("note        {note}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_env(e: &EnvRecord) {
+    println!("id        {}", e.id);
+    println!("image     {}", e.image);
+    println!("owner     {}", e.owner);
+    println!("node      {}", e.node);
+    println!("status    {}", e.status);
+    if let Some(err) = &e.error {
+        println!("error     {err}");
+    }
+    for p in &e.endpoints {
+        println!("endpoint  {} -> port {}", p, p.port);
+    }
+}
+
+/// Prints rows as an aligned table.
+fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}

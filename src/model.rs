@@ -1,1 +1,374 @@
-//! TODO
+//! The records and requests the HTTP API speaks, shared by the daemon, the
+//! CLI client and (later) node-to-node calls. Plain serde data, no logic
+//! beyond parsing a request into checked values.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::store::{ImageRef, Manifest, Requirements};
+use crate::units::parse_size;
+
+/// Where an environment is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnvStatus {
+    /// Accepted and room reserved; nothing done yet.
+    Pending,
+    /// Image layers are streaming into the engine.
+    Loading,
+    /// The container runs; waiting for its health check or ports.
+    Starting,
+    /// Ready to use: healthy, or every exposed port answers.
+    Ready,
+    /// Did not become ready, or stopped on its own; `error` says why.
+    Failed,
+    /// Deleted by its owner.
+    Deleted,
+    /// Its node is unreachable (shown by other nodes; never moved).
+    Lost,
+}
+
+impl EnvStatus {
+    /// Whether the environment holds room on its node.
+    pub fn holds_room(self) -> bool {
+        matches!(
+            self,
+            EnvStatus::Pending | EnvStatus::Loading | EnvStatus::Starting | EnvStatus::Ready
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvStatus::Pending => "pending",
+            EnvStatus::Loading => "loading",
+            EnvStatus::Starting => "starting",
+            EnvStatus::Ready => "ready",
+            EnvStatus::Failed => "failed",
+            EnvStatus::Deleted => "deleted",
+            EnvStatus::Lost => "lost",
+        }
+    }
+}
+
+impl fmt::Display for EnvStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where one exposed port of an environment answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// The port inside the container (`EXPOSE`).
+    pub port: u16,
+    pub host: String,
+    pub host_port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.host_port)
+    }
+}
+
+/// How far loading the image has come.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadProgress {
+    /// Layers in the image.
+    pub layers_total: usize,
+    /// Layers the engine already held (omitted from the load).
+    pub layers_cached: usize,
+    /// Uncompressed bytes that had to be loaded.
+    pub bytes_needed: u64,
+    /// Of those, bytes sent to the engine so far.
+    pub bytes_done: u64,
+}
+
+/// An environment: one container started from a published build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvRecord {
+    pub id: String,
+    pub image: ImageRef,
+    pub owner: String,
+    /// The node it runs on (and that alone changes it).
+    pub node: String,
+    pub status: EnvStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Memory limit, bytes.
+    pub memory: u64,
+    /// AIO contexts reserved.
+    pub aio: u64,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub ready_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub load: LoadProgress,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// `POST /v1/environments`, as sent. Checked into an [`EnvSpec`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvRequest {
+    pub image: String,
+    pub owner: String,
+    /// Bytes (a number) or a size string (`"512MiB"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aio: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+/// A request that failed a check: the message and the field it names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: impl Into<String>) -> FieldError {
+        FieldError {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A checked environment request, with the image's requirements applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvSpec {
+    pub image: ImageRef,
+    pub owner: String,
+    pub memory: u64,
+    pub aio: u64,
+    pub env: BTreeMap<String, String>,
+}
+
+impl EnvRequest {
+    /// The image reference alone, checked (to look up its manifest).
+    pub fn image_ref(&self) -> Result<ImageRef, FieldError> {
+        self.image
+            .parse()
+            .map_err(|e: crate::store::manifest::BadRef| FieldError::new("image", e.to_string()))
+    }
+
+    /// Checks the request against the image's requirements: memory and AIO
+    /// may be raised above them, never lowered. `default_memory` applies to
+    /// images that state no memory.
+    pub fn check(&self, req: &Requirements, default_memory: u64) -> Result<EnvSpec, FieldError> {
+        let image = self.image_ref()?;
+        let owner = self.owner.trim();
+        if owner.is_empty() || owner.len() > 254 || owner.chars().any(|c| c.is_control()) {
+            return Err(FieldError::new(
+                "owner",
+                "must be 1-254 printable characters",
+            ));
+        }
+        let floor = req.memory.unwrap_or(default_memory);
+        let memory = match &self.memory {
+            None | Some(serde_json::Value::Null) => floor,
+            Some(serde_json::Value::Number(n)) => n
+                .as_u64()
+                .ok_or_else(|| FieldError::new("memory", "must be a whole number of bytes"))?,
+            Some(serde_json::Value::String(s)) => {
+                parse_size(s).map_err(|e| FieldError::new("memory", e.to_string()))?
+            }
+            Some(_) => {
+                return Err(FieldError::new(
+                    "memory",
+                    "must be bytes or a size string such as \"512MiB\"",
+                ))
+            }
+        };
+        if memory < floor {
+            return Err(FieldError::new(
+                "memory",
+                format!(
+                    "{} is below what image {image} needs ({})",
+                    crate::units::format_size(memory),
+                    crate::units::format_size(floor)
+                ),
+            ));
+        }
+        // Docker refuses limits under 6 MiB.
+        if memory < 6 << 20 {
+            return Err(FieldError::new("memory", "must be at least 6MiB"));
+        }
+        let aio = self.aio.unwrap_or(req.aio);
+        if aio < req.aio {
+            return Err(FieldError::new(
+                "aio",
+                format!("{aio} is below what image {image} needs ({})", req.aio),
+            ));
+        }
+        let env = self.env.clone().unwrap_or_default();
+        for (k, v) in &env {
+            let ok = !k.is_empty()
+                && !k.as_bytes()[0].is_ascii_digit()
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return Err(FieldError::new(
+                    &format!("env.{k}"),
+                    "variable names are letters, digits and '_', not starting with a digit",
+                ));
+            }
+            if v.contains('\0') {
+                return Err(FieldError::new(
+                    &format!("env.{k}"),
+                    "value contains a NUL byte",
+                ));
+            }
+        }
+        Ok(EnvSpec {
+            image,
+            owner: owner.to_string(),
+            memory,
+            aio,
+            env,
+        })
+    }
+}
+
+/// `POST /v1/images`: publish an image of the local engine as `name:build`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// The image in this node's engine (tag or id).
+    pub source: String,
+    /// `name:build` to publish it as.
+    #[serde(rename = "ref")]
+    pub image_ref: String,
+}
+
+/// A published build, as `GET /v1/images` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub name: String,
+    pub build: String,
+    #[serde(rename = "ref")]
+    pub image_ref: String,
+    pub image_id: String,
+    /// Uncompressed bytes of all layers.
+    pub size: u64,
+    /// Bytes of the lz4 layer files.
+    pub compressed_size: u64,
+    pub layers: usize,
+    pub requirements: Requirements,
+    pub exposed_ports: Vec<u16>,
+    pub healthcheck: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub published_at: OffsetDateTime,
+}
+
+impl From<&Manifest> for ImageInfo {
+    fn from(m: &Manifest) -> Self {
+        ImageInfo {
+            name: m.name.clone(),
+            build: m.build.clone(),
+            image_ref: m.image_ref().to_string(),
+            image_id: m.image_id.to_string(),
+            size: m.size(),
+            compressed_size: m.compressed_size(),
+            layers: m.layers.len(),
+            requirements: m.requirements,
+            exposed_ports: m.exposed_ports.clone(),
+            healthcheck: m.healthcheck,
+            published_at: m.published_at,
+        }
+    }
+}
+
+/// What `GET /v1/node` says about this node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub version: String,
+    pub memory_total: u64,
+    pub memory_allocatable: u64,
+    pub memory_committed: u64,
+    pub aio_max: u64,
+    pub aio_in_use: u64,
+    pub aio_committed: u64,
+    pub max_envs: u32,
+    pub env_count: u32,
+    pub engine_version: String,
+    pub storage_driver: String,
+    pub containerd_store: bool,
+    /// What the storage driver is known to limit (the seed's overlay could
+    /// not write files over 2.5 GB).
+    pub storage_notes: Vec<String>,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// For refusals: which resource was short.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(memory: Option<serde_json::Value>, aio: Option<u64>) -> EnvRequest {
+        EnvRequest {
+            image: "demo:1".into(),
+            owner: "a@example.com".into(),
+            memory,
+            aio,
+            env: None,
+        }
+    }
+
+    #[test]
+    fn memory_and_aio_checks() {
+        let image = Requirements {
+            memory: Some(64 << 20),
+            aio: 100,
+        };
+        let ok = |r: EnvRequest| r.check(&image, 256 << 20).unwrap();
+        let bad = |r: EnvRequest| r.check(&image, 256 << 20).unwrap_err().field;
+        assert_eq!(ok(req(None, None)).memory, 64 << 20);
+        assert_eq!(ok(req(None, None)).aio, 100);
+        assert_eq!(ok(req(Some("512MiB".into()), None)).memory, 512 << 20);
+        assert_eq!(ok(req(Some((128u64 << 20).into()), Some(200))).aio, 200);
+        assert_eq!(bad(req(Some("lots".into()), None)), "memory");
+        assert_eq!(bad(req(Some("1MiB".into()), None)), "memory");
+        assert_eq!(bad(req(Some((-5).into()), None)), "memory");
+        assert_eq!(bad(req(Some(true.into()), None)), "memory");
+        assert_eq!(bad(req(None, Some(10))), "aio");
+        let mut r = req(None, None);
+        r.image = "nope".into();
+        assert_eq!(bad(r), "image");
+        let mut r = req(None, None);
+        r.owner = " ".into();
+        assert_eq!(bad(r), "owner");
+        let mut r = req(None, None);
+        r.env = Some(BTreeMap::from([("1X".into(), "v".into())]));
+        assert_eq!(bad(r), "env.1X");
+        // No memory label: the node's default applies.
+        let none = Requirements::default();
+        assert_eq!(
+            req(None, None).check(&none, 256 << 20).unwrap().memory,
+            256 << 20
+        );
+    }
+}

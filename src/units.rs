@@ -7,7 +7,9 @@ use std::time::Duration;
 pub enum UnitError {
     #[error("empty value")]
     Empty,
-    #[error("`{0}` is not a size: use bytes or a number with B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)")]
+    #[error(
+        "`{0}` is not a size: use bytes or a number with B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"
+    )]
     BadSize(String),
     #[error("`{0}` is not a duration: use a number with s, m, h or d")]
     BadDuration(String),
@@ -29,7 +31,8 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let unit = unit.trim();
-    if num.is_empty() || num.matches('.').count() > 1 || num.starts_with('.') || num.ends_with('.') {
+    if num.is_empty() || num.matches('.').count() > 1 || num.starts_with('.') || num.ends_with('.')
+    {
         return Err(UnitError::BadSize(s.to_string()));
     }
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
@@ -45,7 +48,9 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
         _ => return Err(UnitError::BadSize(s.to_string())),
     };
     let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-    let int: u64 = int.parse().map_err(|_| UnitError::Overflow(s.to_string()))?;
+    let int: u64 = int
+        .parse()
+        .map_err(|_| UnitError::Overflow(s.to_string()))?;
     let mut total = int
         .checked_mul(mult)
         .ok_or_else(|| UnitError::Overflow(s.to_string()))?;
@@ -55,7 +60,9 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
         }
         // At most 9 fractional digits are meaningful for these units.
         let digits = &frac[..frac.len().min(9)];
-        let f: u64 = digits.parse().map_err(|_| UnitError::BadSize(s.to_string()))?;
+        let f: u64 = digits
+            .parse()
+            .map_err(|_| UnitError::BadSize(s.to_string()))?;
         let scale = 10u64.pow(digits.len() as u32);
         let part = (f as u128 * mult as u128 / scale as u128) as u64;
         total = total
@@ -68,10 +75,15 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
 /// Prints a size with the largest binary unit that keeps it readable:
 /// `32GiB`, `1.5GiB`, `512MiB`, `100B`.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (name, m) in UNITS {
         if bytes >= m {
-            if bytes % m == 0 {
+            if bytes.is_multiple_of(m) {
                 return format!("{}{name}", bytes / m);
             }
             let v = bytes as f64 / m as f64;
@@ -108,7 +120,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
         if num.is_empty() {
             return Err(UnitError::BadDuration(s.to_string()));
         }
-        let n: u64 = num.parse().map_err(|_| UnitError::Overflow(s.to_string()))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| UnitError::Overflow(s.to_string()))?;
         total = n
             .checked_mul(mult)
             .and_then(|v| total.checked_add(v))

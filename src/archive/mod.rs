@@ -62,7 +62,11 @@ impl FromStr for Digest {
     type Err = BadDigest;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let h = s.strip_prefix("sha256:").unwrap_or(s);
-        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        if h.len() != 64
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
             return Err(BadDigest(s.to_string()));
         }
         let mut out = [0u8; 32];
@@ -156,8 +160,12 @@ mod tests {
     #[test]
     fn chain_ids_match_docker() {
         // Docker's layer/layer.go CreateChainID, checked by hand with sha256sum.
-        let a: Digest = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".parse().unwrap();
-        let b: Digest = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb".parse().unwrap();
+        let a: Digest = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            .parse()
+            .unwrap();
+        let b: Digest = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+            .parse()
+            .unwrap();
         let c = chain_ids(&[a, b]);
         assert_eq!(c[0], a);
         assert_eq!(c[1], Digest::of(format!("{a} {b}").as_bytes()));

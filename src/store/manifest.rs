@@ -51,7 +51,9 @@ impl ImageRef {
         let build_ok = !build.is_empty()
             && build.len() <= 100
             && build.as_bytes()[0].is_ascii_alphanumeric()
-            && build.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            && build
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if !build_ok {
             return Err(BadRef::Build(build.to_string()));
         }
@@ -76,7 +78,9 @@ impl fmt::Display for ImageRef {
 impl FromStr for ImageRef {
     type Err = BadRef;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (name, build) = s.split_once(':').ok_or_else(|| BadRef::Shape(s.to_string()))?;
+        let (name, build) = s
+            .split_once(':')
+            .ok_or_else(|| BadRef::Shape(s.to_string()))?;
         ImageRef::new(name, build)
     }
 }
@@ -309,7 +313,13 @@ mod tests {
         );
         let f = config_facts(cfg.as_bytes()).unwrap();
         assert_eq!(f.diff_ids, vec![d]);
-        assert_eq!(f.requirements, Requirements { memory: Some(32 << 30), aio: 65536 });
+        assert_eq!(
+            f.requirements,
+            Requirements {
+                memory: Some(32 << 30),
+                aio: 65536
+            }
+        );
         assert_eq!(f.exposed_ports, vec![22, 8080]);
         assert!(f.healthcheck);
 
@@ -319,6 +329,12 @@ mod tests {
         assert_eq!(f.requirements, Requirements::default());
 
         let bad = r#"{"config":{"Labels":{"shoal.memory":"lots"}},"rootfs":{"diff_ids":[]}}"#;
-        assert!(matches!(config_facts(bad.as_bytes()), Err(BadConfig::Label { label: LABEL_MEMORY, .. })));
+        assert!(matches!(
+            config_facts(bad.as_bytes()),
+            Err(BadConfig::Label {
+                label: LABEL_MEMORY,
+                ..
+            })
+        ));
     }
 }
