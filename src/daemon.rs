@@ -91,6 +91,10 @@ pub async fn run(
     };
 
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+    // Where this node actually listens (port 0 picks one): for scripts and
+    // tests that start a node without fixing its port.
+    crate::envs::write_atomic(&settings.data_dir.join("http-addr"), addr.to_string().as_bytes())
+        .map_err(DaemonError::Serve)?;
     info!(node = %settings.name, http = %addr, store = %settings.store.display(), "node ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let served = axum::serve(listener, router(state))

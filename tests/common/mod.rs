@@ -1,0 +1,246 @@
+//! Test harness: real `shoal daemon` processes on loopback ports chosen at
+//! run time, against the real Docker engine, with images built locally
+//! (FROM scratch plus the static demo server). Every test names its own
+//! node and images with a random prefix, and the guards remove exactly the
+//! containers, images and processes the test made.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use shoal::client::Client;
+use shoal::demo::DemoImage;
+use shoal::docker::Engine;
+use shoal::model::EnvRecord;
+
+/// A random lowercase prefix that keeps this test's names apart.
+pub fn unique(prefix: &str) -> String {
+    let mut id = uuid::Uuid::new_v4().simple().to_string();
+    id.truncate(8);
+    format!("{prefix}{id}")
+}
+
+/// A running daemon process.
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    pub store: PathBuf,
+    pub args: Vec<String>,
+    pub child: Option<Child>,
+    pub url: String,
+    pub client: Client,
+}
+
+impl Node {
+    /// Starts a node named `name` with its own data dir, the given store and
+    /// extra flags, and waits until it answers.
+    pub async fn start(name: &str, dir: &Path, store: &Path, extra: &[&str]) -> Result<Node> {
+        let mut args: Vec<String> = vec![
+            "daemon".into(),
+            "--name".into(),
+            name.into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--store".into(),
+            store.display().to_string(),
+            "--publish-addr".into(),
+            "127.0.0.1".into(),
+            "--ready-timeout".into(),
+            "60s".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut node = Node {
+            name: name.into(),
+            dir: dir.into(),
+            store: store.into(),
+            args,
+            child: None,
+            url: String::new(),
+            client: Client::new("http://127.0.0.1:1", Duration::from_secs(30))?,
+        };
+        node.spawn().await?;
+        Ok(node)
+    }
+
+    /// (Re)starts the process with the same arguments.
+    pub async fn spawn(&mut self) -> Result<()> {
+        let addr_file = self.dir.join("http-addr");
+        let _ = std::fs::remove_file(&addr_file);
+        std::fs::create_dir_all(&self.dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(&self.args)
+            .env("RUST_LOG", "shoal=debug,warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning shoal daemon")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+                self.url = format!("http://{}", addr.trim());
+                self.client = Client::new(&self.url, Duration::from_secs(30))?;
+                if self.client.get::<Value>("/v1/node").await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
+                bail!("daemon exited with {status}: {}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("daemon did not come up: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the process to exit.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = c.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("daemon ignored SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// POSTs an environment request; returns the status code and body.
+    pub async fn request_env(&self, body: Value) -> Result<(u16, Value)> {
+        raw(&self.client, "POST", "/v1/environments", Some(body.to_string().into_bytes())).await
+    }
+
+    /// Polls an environment until it leaves pending/loading/starting.
+    pub async fn wait_settled(&self, id: &str) -> Result<EnvRecord> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let rec: EnvRecord = self.client.get(&format!("/v1/environments/{id}")).await?;
+            if !matches!(rec.status.as_str(), "pending" | "loading" | "starting") {
+                return Ok(rec);
+            }
+            if Instant::now() > deadline {
+                bail!("environment {id} stuck in {}: {}", rec.status, self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends a request and returns the status code and JSON body (or the text
+/// as a JSON string when the body is not JSON).
+pub async fn raw(client: &Client, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Value)> {
+    let (status, bytes) = client
+        .send_raw(method.parse().unwrap(), path, body)
+        .await?;
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((status.as_u16(), v))
+}
+
+/// Removes, on drop, every container labelled with the given node names and
+/// every image tag this test made. Runs its own runtime so it can be dropped
+/// anywhere.
+pub struct Cleanup {
+    pub nodes: Vec<String>,
+    pub images: Vec<String>,
+}
+
+impl Cleanup {
+    pub fn new() -> Cleanup {
+        Cleanup {
+            nodes: Vec::new(),
+            images: Vec::new(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let nodes = std::mem::take(&mut self.nodes);
+        let images = std::mem::take(&mut self.images);
+        let work = async move {
+            let Ok(engine) = Engine::connect().await else {
+                return;
+            };
+            for n in &nodes {
+                for c in engine.env_containers(n).await.unwrap_or_default() {
+                    let _ = engine.remove_container(&c).await;
+                }
+            }
+            for i in &images {
+                let _ = engine.remove_image(i).await;
+            }
+        };
+        // Drop may run inside a tokio runtime: do the work on a fresh thread.
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(work);
+        })
+        .join()
+        .ok();
+    }
+}
+
+/// Builds a test image from a demo build context and returns its tag.
+pub async fn build_image(engine: &Engine, tag: &str, image: &DemoImage) -> Result<String> {
+    engine
+        .build(image.context_tar(), tag, Default::default(), Default::default())
+        .await
+        .with_context(|| format!("building {tag}"))?;
+    Ok(tag.to_string())
+}
+
+/// Random bytes, so a test's layers are its own.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut v = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut v);
+    v
+}
+
+/// GETs `http://host:port/` and returns the body.
+pub async fn http_get(host: &str, port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect((host, port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
+    Ok(out)
+}
