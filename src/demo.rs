@@ -76,16 +76,18 @@ impl DemoImage {
     pub fn dockerfile(&self) -> String {
         let mut d = String::new();
         match &self.from {
-            None => {
-                d.push_str("FROM scratch\n");
-                let _ = writeln!(d, "COPY demo-server {SERVER_PATH}");
-            }
+            None => d.push_str("FROM scratch\n"),
             Some(base) => {
                 let _ = writeln!(d, "FROM {base}");
             }
         }
+        // Extra files first: a test that gives each image a unique first
+        // file gets layers (and chain ids) no other image shares.
         for (i, (path, _)) in self.extra_files.iter().enumerate() {
             let _ = writeln!(d, "COPY [{}, {}]", json_str(&extra_name(i)), json_str(path));
+        }
+        if self.from.is_none() {
+            let _ = writeln!(d, "COPY demo-server {SERVER_PATH}");
         }
         let _ = writeln!(d, "ENV PORT={}", self.port);
         for (k, v) in &self.env {
