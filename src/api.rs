@@ -254,8 +254,7 @@ async fn publish(
             .await
             .unwrap_or(false)
     };
-    let (manifest, stats) =
-        crate::daemon::publish_from_engine(&engine, &store, &img.id, &r, hint).await?;
+    let (manifest, stats) = crate::transfer::publish(&engine, &store, &img.id, &r, hint).await?;
     info!(image = %r, layers_added = stats.layers_added, bytes_added = stats.bytes_added, "published");
     let status = if existed {
         StatusCode::OK

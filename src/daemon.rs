@@ -93,8 +93,11 @@ pub async fn run(
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
     // Where this node actually listens (port 0 picks one): for scripts and
     // tests that start a node without fixing its port.
-    crate::envs::write_atomic(&settings.data_dir.join("http-addr"), addr.to_string().as_bytes())
-        .map_err(DaemonError::Serve)?;
+    crate::envs::write_atomic(
+        &settings.data_dir.join("http-addr"),
+        addr.to_string().as_bytes(),
+    )
+    .map_err(DaemonError::Serve)?;
     info!(node = %settings.name, http = %addr, store = %settings.store.display(), "node ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let served = axum::serve(listener, router(state))
@@ -133,28 +136,10 @@ pub async fn ensure_demo(engine: &Engine, store: &Store) -> Result<(), DaemonErr
     let hint = PublishHint {
         diff_ids: img.diff_ids.clone(),
     };
-    publish_from_engine(engine, store, &img.id, &r, hint).await?;
+    crate::transfer::publish(engine, store, &img.id, &r, hint).await?;
     engine.remove_image(tag).await?;
     info!(image = %r, "demo image published");
     Ok(())
-}
-
-/// Streams `docker save` of `source` into the store as `r`.
-pub async fn publish_from_engine(
-    engine: &Engine,
-    store: &Store,
-    source: &str,
-    r: &ImageRef,
-    hint: PublishHint,
-) -> Result<(crate::store::Manifest, crate::store::PublishStats), StoreError> {
-    use futures::TryStreamExt;
-    let stream = engine.export(source).map_err(std::io::Error::other);
-    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
-    let store = store.clone();
-    let r = r.clone();
-    tokio::task::spawn_blocking(move || store.publish(reader, &r, &hint))
-        .await
-        .map_err(|e| StoreError::Sink(std::io::Error::other(e)))?
 }
 
 /// Completes on SIGTERM or SIGINT.

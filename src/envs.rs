@@ -23,9 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
@@ -46,6 +44,8 @@ pub enum EnvError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Docker(#[from] DockerError),
+    #[error(transparent)]
+    Transfer(#[from] crate::transfer::TransferError),
     #[error("host facts: {0}")]
     Host(#[from] crate::host::HostError),
     #[error("journal {path}: {source}")]
@@ -413,33 +413,15 @@ impl Envs {
         info!(env = %id, image = %m.image_ref(), layers = m.layers.len(), cached = skip, bytes = needed, "loading image");
 
         let started = Instant::now();
-        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-        let store = self.store.clone();
-        let manifest = m.clone();
-        let progress_tx = ProgressSink::new(self, id);
-        let writer = tokio::task::spawn_blocking(move || {
-            let mut sink = ChannelWriter::new(tx.clone());
-            let mut progress = progress_tx;
-            let res = store
-                .write_load_archive(&manifest, skip, &tag, &mut sink, &mut |n| {
-                    progress.report(n)
-                })
-                .and_then(|stats| sink.finish().map(|_| stats).map_err(StoreError::Sink));
-            if let Err(e) = &res {
-                // Abort the upload so the engine never sees a whole archive.
-                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-            }
-            res
-        });
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let loaded = self.engine.load(stream).await;
-        let written = writer
-            .await
-            .map_err(|e| StoreError::Sink(std::io::Error::other(e)))?;
-        // The store's error says why a load broke off (a bad layer); the
-        // engine's only that it did.
-        let stats = written?;
-        loaded?;
+        let mut progress = ProgressSink::new(self, id);
+        let stats = crate::transfer::load(
+            &self.engine,
+            &self.store,
+            m,
+            skip,
+            Box::new(move |n| progress.report(n)),
+        )
+        .await?;
         let secs = started.elapsed().as_secs_f64();
         if stats.bytes_sent > 16 << 20 && secs > 0.0 {
             *self.last_load_bps.lock().unwrap() = Some((stats.bytes_sent as f64 / secs) as u64);
@@ -733,66 +715,5 @@ impl ProgressSink {
                 r.load.bytes_done = done;
             }
         }
-    }
-}
-
-/// A `Write` that forwards the archive to the engine upload in 1 MiB
-/// chunks through a bounded channel (backpressure: the writer blocks while
-/// the engine is behind, so memory stays at a few MiB).
-struct ChannelWriter {
-    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
-    buf: Vec<u8>,
-}
-
-const CHUNK: usize = 1 << 20;
-
-impl ChannelWriter {
-    fn new(tx: mpsc::Sender<Result<Bytes, std::io::Error>>) -> ChannelWriter {
-        ChannelWriter {
-            tx,
-            buf: Vec::with_capacity(CHUNK),
-        }
-    }
-
-    fn send(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-        self.tx.blocking_send(Ok(Bytes::from(chunk))).map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
-                "the engine stopped reading the load",
-            )
-        })
-    }
-
-    fn finish(&mut self) -> std::io::Result<()> {
-        self.send()
-    }
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if self.buf.len() + data.len() > CHUNK && !self.buf.is_empty() {
-            self.send()?;
-        }
-        if data.len() >= CHUNK {
-            self.tx
-                .blocking_send(Ok(Bytes::copy_from_slice(data)))
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::BrokenPipe,
-                        "the engine stopped reading the load",
-                    )
-                })?;
-        } else {
-            self.buf.extend_from_slice(data);
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }

@@ -16,4 +16,5 @@ pub mod envs;
 pub mod host;
 pub mod model;
 pub mod store;
+pub mod transfer;
 pub mod units;

@@ -23,7 +23,12 @@ struct Published {
     derived: String,
 }
 
-async fn publish_pair(node: &Node, engine: &Engine, prefix: &str, cleanup: &mut Cleanup) -> Result<Published> {
+async fn publish_pair(
+    node: &Node,
+    engine: &Engine,
+    prefix: &str,
+    cleanup: &mut Cleanup,
+) -> Result<Published> {
     let src_base = format!("{prefix}-src/base:1");
     let src_derived = format!("{prefix}-src/derived:1");
     cleanup.images.push(src_base.clone());
@@ -66,7 +71,13 @@ async fn publish_load_start_delete() -> Result<()> {
     let name = unique("n");
     let mut cleanup = Cleanup::new();
     cleanup.nodes.push(name.clone());
-    let node = Node::start(&name, &tmp.path().join("node"), &tmp.path().join("store"), &[]).await?;
+    let node = Node::start(
+        &name,
+        &tmp.path().join("node"),
+        &tmp.path().join("store"),
+        &[],
+    )
+    .await?;
     let p = publish_pair(&node, &engine, &unique("t"), &mut cleanup).await?;
 
     // The catalog lists both; the derived image shares the base's layers.
@@ -89,7 +100,12 @@ async fn publish_load_start_delete() -> Result<()> {
     assert_eq!(code, 202, "{body}");
     let base_env: EnvRecord = serde_json::from_value(body)?;
     let base_env = node.wait_settled(&base_env.id).await?;
-    assert_eq!(base_env.status.as_str(), "ready", "{base_env:?}\n{}", node.log());
+    assert_eq!(
+        base_env.status.as_str(),
+        "ready",
+        "{base_env:?}\n{}",
+        node.log()
+    );
     assert_eq!(base_env.load.layers_cached, 0);
     assert_eq!(base_env.load.bytes_needed, base_m.size());
     assert_eq!(base_env.endpoints.len(), 1);
@@ -107,10 +123,15 @@ async fn publish_load_start_delete() -> Result<()> {
     assert_eq!(app_env.status.as_str(), "ready", "{app_env:?}");
     assert_eq!(app_env.memory, 128 << 20);
     assert_eq!(app_env.load.layers_cached, base_m.layers.len());
-    let own: u64 = app_m.layers[base_m.layers.len()..].iter().map(|l| l.size).sum();
+    let own: u64 = app_m.layers[base_m.layers.len()..]
+        .iter()
+        .map(|l| l.size)
+        .sum();
     assert_eq!(app_env.load.bytes_needed, own);
     let ep = &app_env.endpoints[0];
-    assert!(http_get(&ep.host, ep.host_port, "/").await?.contains("200 OK"));
+    assert!(http_get(&ep.host, ep.host_port, "/")
+        .await?
+        .contains("200 OK"));
 
     // Both are listed; the engine enforces the memory limit.
     let list: Vec<EnvRecord> = node.client.get("/v1/environments").await?;
@@ -120,7 +141,10 @@ async fn publish_load_start_delete() -> Result<()> {
 
     // Delete: gone from the list and from the engine.
     for id in [&base_env.id, &app_env.id] {
-        let rec: EnvRecord = node.client.delete(&format!("/v1/environments/{id}")).await?;
+        let rec: EnvRecord = node
+            .client
+            .delete(&format!("/v1/environments/{id}"))
+            .await?;
         assert_eq!(rec.status.as_str(), "deleted");
         let (code, _) = raw(&node.client, "GET", &format!("/v1/environments/{id}"), None).await?;
         assert_eq!(code, 404);
@@ -136,9 +160,17 @@ async fn restart_keeps_environments_without_restarting_them() -> Result<()> {
     let name = unique("n");
     let mut cleanup = Cleanup::new();
     cleanup.nodes.push(name.clone());
-    let mut node = Node::start(&name, &tmp.path().join("node"), &tmp.path().join("store"), &[]).await?;
+    let mut node = Node::start(
+        &name,
+        &tmp.path().join("node"),
+        &tmp.path().join("store"),
+        &[],
+    )
+    .await?;
     let p = publish_pair(&node, &engine, &unique("t"), &mut cleanup).await?;
-    let (code, body) = node.request_env(json!({"image": p.base, "owner": "a@example.com"})).await?;
+    let (code, body) = node
+        .request_env(json!({"image": p.base, "owner": "a@example.com"}))
+        .await?;
     assert_eq!(code, 202, "{body}");
     let id = body["id"].as_str().unwrap().to_string();
     let before = node.wait_settled(&id).await?;
@@ -154,7 +186,11 @@ async fn restart_keeps_environments_without_restarting_them() -> Result<()> {
     assert_eq!(after.status.as_str(), "ready");
     assert_eq!(after.endpoints, before.endpoints);
     assert_eq!(after.ready_at, before.ready_at);
-    assert_eq!(container_started_at(&cid)?, started_before, "the container was restarted");
+    assert_eq!(
+        container_started_at(&cid)?,
+        started_before,
+        "the container was restarted"
+    );
     // Its room is still held after the restart.
     let node_info: Value = node.client.get("/v1/node").await?;
     assert_eq!(node_info["env_count"], 1);
@@ -208,7 +244,13 @@ async fn admission_refuses_and_concurrent_requests_never_overcommit() -> Result<
         let image = p.base.clone();
         tasks.push(tokio::spawn(async move {
             let body = json!({"image": image, "owner": format!("u{i}@example.com")});
-            raw(&client, "POST", "/v1/environments", Some(body.to_string().into_bytes())).await
+            raw(
+                &client,
+                "POST",
+                "/v1/environments",
+                Some(body.to_string().into_bytes()),
+            )
+            .await
         }));
     }
     let mut accepted = Vec::new();
@@ -257,7 +299,13 @@ async fn corrupted_layer_fails_clearly_and_tags_nothing() -> Result<()> {
     let name = unique("n");
     let mut cleanup = Cleanup::new();
     cleanup.nodes.push(name.clone());
-    let node = Node::start(&name, &tmp.path().join("node"), &tmp.path().join("store"), &[]).await?;
+    let node = Node::start(
+        &name,
+        &tmp.path().join("node"),
+        &tmp.path().join("store"),
+        &[],
+    )
+    .await?;
     let prefix = unique("t");
     let p = publish_pair(&node, &engine, &prefix, &mut cleanup).await?;
     let store = Store::open(&tmp.path().join("store"))?;
@@ -266,13 +314,18 @@ async fn corrupted_layer_fails_clearly_and_tags_nothing() -> Result<()> {
     let top = m.layers.last().unwrap();
     corrupt_layer(&store.layer_path(&top.diff_id), top.size)?;
 
-    let (code, body) = node.request_env(json!({"image": p.derived, "owner": "a@example.com"})).await?;
+    let (code, body) = node
+        .request_env(json!({"image": p.derived, "owner": "a@example.com"}))
+        .await?;
     assert_eq!(code, 202, "{body}");
     let rec = node.wait_settled(body["id"].as_str().unwrap()).await?;
     assert_eq!(rec.status.as_str(), "failed");
     let err = rec.error.unwrap();
     assert!(err.contains(&top.diff_id.to_string()), "{err}");
-    assert!(engine.image(&format!("shoal/{prefix}-app:1")).await?.is_none());
+    assert!(engine
+        .image(&format!("shoal/{prefix}-app:1"))
+        .await?
+        .is_none());
     assert!(engine.env_containers(&name).await?.is_empty());
     // Its room is free again.
     let info: Value = node.client.get("/v1/node").await?;
@@ -299,7 +352,13 @@ async fn unhealthy_and_portcheck_images() -> Result<()> {
     let name = unique("n");
     let mut cleanup = Cleanup::new();
     cleanup.nodes.push(name.clone());
-    let node = Node::start(&name, &tmp.path().join("node"), &tmp.path().join("store"), &["--ready-timeout", "30s"]).await?;
+    let node = Node::start(
+        &name,
+        &tmp.path().join("node"),
+        &tmp.path().join("store"),
+        &["--ready-timeout", "30s"],
+    )
+    .await?;
     let prefix = unique("t");
     // No HEALTHCHECK: ready once the port answers.
     let src = format!("{prefix}-src/plain:1");
@@ -312,16 +371,26 @@ async fn unhealthy_and_portcheck_images() -> Result<()> {
     };
     build_image(&engine, &src, &img).await?;
     let r = format!("{prefix}-plain:1");
-    let (code, body) = raw(&node.client, "POST", "/v1/images", Some(json!({"source": src, "ref": r}).to_string().into_bytes())).await?;
+    let (code, body) = raw(
+        &node.client,
+        "POST",
+        "/v1/images",
+        Some(json!({"source": src, "ref": r}).to_string().into_bytes()),
+    )
+    .await?;
     assert_eq!(code, 201, "{body}");
     assert_eq!(body["healthcheck"], false);
     let (_, body) = node
-        .request_env(json!({"image": r, "owner": "a@example.com", "env": {"DEMO_START_DELAY": "2"}}))
+        .request_env(
+            json!({"image": r, "owner": "a@example.com", "env": {"DEMO_START_DELAY": "2"}}),
+        )
         .await?;
     let rec = node.wait_settled(body["id"].as_str().unwrap()).await?;
     assert_eq!(rec.status.as_str(), "ready", "{rec:?}");
     let ep = &rec.endpoints[0];
-    assert!(http_get(&ep.host, ep.host_port, "/").await?.contains("200 OK"));
+    assert!(http_get(&ep.host, ep.host_port, "/")
+        .await?
+        .contains("200 OK"));
 
     // A container that exits is failed with its exit code, and removed.
     let (_, body) = node
@@ -329,16 +398,27 @@ async fn unhealthy_and_portcheck_images() -> Result<()> {
         .await?;
     let rec = node.wait_settled(body["id"].as_str().unwrap()).await?;
     assert_eq!(rec.status.as_str(), "failed");
-    assert!(rec.error.as_deref().unwrap_or("").contains("exited with code 3"), "{rec:?}");
+    assert!(
+        rec.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("exited with code 3"),
+        "{rec:?}"
+    );
 
     // A health check that reports unhealthy fails the environment.
     let p = publish_pair(&node, &engine, &prefix, &mut cleanup).await?;
     let (_, body) = node
-        .request_env(json!({"image": p.base, "owner": "a@example.com", "env": {"DEMO_UNHEALTHY": "1"}}))
+        .request_env(
+            json!({"image": p.base, "owner": "a@example.com", "env": {"DEMO_UNHEALTHY": "1"}}),
+        )
         .await?;
     let rec = node.wait_settled(body["id"].as_str().unwrap()).await?;
     assert_eq!(rec.status.as_str(), "failed");
-    assert!(rec.error.as_deref().unwrap_or("").contains("unhealthy"), "{rec:?}");
+    assert!(
+        rec.error.as_deref().unwrap_or("").contains("unhealthy"),
+        "{rec:?}"
+    );
     // Failed starts leave no container behind; only the ready one remains.
     assert_eq!(engine.env_containers(&name).await?.len(), 1);
     Ok(())
@@ -351,7 +431,13 @@ async fn bad_input_is_refused_with_the_field_named() -> Result<()> {
     let name = unique("n");
     let mut cleanup = Cleanup::new();
     cleanup.nodes.push(name.clone());
-    let node = Node::start(&name, &tmp.path().join("node"), &tmp.path().join("store"), &[]).await?;
+    let node = Node::start(
+        &name,
+        &tmp.path().join("node"),
+        &tmp.path().join("store"),
+        &[],
+    )
+    .await?;
     let p = publish_pair(&node, &engine, &unique("t"), &mut cleanup).await?;
     let post = |body: Vec<u8>| raw(&node.client, "POST", "/v1/environments", Some(body));
     let check = |(code, body): (u16, Value), want_code: u16, want_field: Option<&str>| {
@@ -362,19 +448,117 @@ async fn bad_input_is_refused_with_the_field_named() -> Result<()> {
         }
     };
     check(post(b"{not json".to_vec()).await?, 400, None);
-    check(post(json!({"owner": "a@b"}).to_string().into_bytes()).await?, 400, Some("image"));
-    check(post(json!({"image": p.base, "owner": "a@b", "memory": "lots"}).to_string().into_bytes()).await?, 400, Some("memory"));
-    check(post(json!({"image": p.base, "owner": "a@b", "memory": "1MiB"}).to_string().into_bytes()).await?, 400, Some("memory"));
-    check(post(json!({"image": p.base, "owner": "a@b", "aio": "x"}).to_string().into_bytes()).await?, 400, Some("aio"));
-    check(post(json!({"image": p.base, "owner": "a@b", "colour": 1}).to_string().into_bytes()).await?, 400, Some("colour"));
-    check(post(json!({"image": "nope:1", "owner": "a@b"}).to_string().into_bytes()).await?, 404, Some("image"));
-    check(post(json!({"image": "Bad Ref", "owner": "a@b"}).to_string().into_bytes()).await?, 400, Some("image"));
+    check(
+        post(json!({"owner": "a@b"}).to_string().into_bytes()).await?,
+        400,
+        Some("image"),
+    );
+    check(
+        post(
+            json!({"image": p.base, "owner": "a@b", "memory": "lots"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await?,
+        400,
+        Some("memory"),
+    );
+    check(
+        post(
+            json!({"image": p.base, "owner": "a@b", "memory": "1MiB"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await?,
+        400,
+        Some("memory"),
+    );
+    check(
+        post(
+            json!({"image": p.base, "owner": "a@b", "aio": "x"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await?,
+        400,
+        Some("aio"),
+    );
+    check(
+        post(
+            json!({"image": p.base, "owner": "a@b", "colour": 1})
+                .to_string()
+                .into_bytes(),
+        )
+        .await?,
+        400,
+        Some("colour"),
+    );
+    check(
+        post(
+            json!({"image": "nope:1", "owner": "a@b"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await?,
+        404,
+        Some("image"),
+    );
+    check(
+        post(
+            json!({"image": "Bad Ref", "owner": "a@b"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await?,
+        400,
+        Some("image"),
+    );
     check(post(vec![b' '; (1 << 20) + 10]).await?, 413, None);
-    check(raw(&node.client, "GET", "/v1/environments/nope", None).await?, 404, Some("id"));
-    check(raw(&node.client, "DELETE", "/v1/environments/nope", None).await?, 404, Some("id"));
-    check(raw(&node.client, "POST", "/v1/images", Some(json!({"source": "no-such-image:x", "ref": "a:1"}).to_string().into_bytes())).await?, 404, Some("source"));
-    check(raw(&node.client, "POST", "/v1/images", Some(json!({"source": "x", "ref": "A:1"}).to_string().into_bytes())).await?, 400, Some("ref"));
-    check(raw(&node.client, "GET", "/v1/nothing", None).await?, 404, None);
+    check(
+        raw(&node.client, "GET", "/v1/environments/nope", None).await?,
+        404,
+        Some("id"),
+    );
+    check(
+        raw(&node.client, "DELETE", "/v1/environments/nope", None).await?,
+        404,
+        Some("id"),
+    );
+    check(
+        raw(
+            &node.client,
+            "POST",
+            "/v1/images",
+            Some(
+                json!({"source": "no-such-image:x", "ref": "a:1"})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        )
+        .await?,
+        404,
+        Some("source"),
+    );
+    check(
+        raw(
+            &node.client,
+            "POST",
+            "/v1/images",
+            Some(
+                json!({"source": "x", "ref": "A:1"})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        )
+        .await?,
+        400,
+        Some("ref"),
+    );
+    check(
+        raw(&node.client, "GET", "/v1/nothing", None).await?,
+        404,
+        None,
+    );
     // Nothing changed.
     let list: Vec<EnvRecord> = node.client.get("/v1/environments").await?;
     assert!(list.is_empty());

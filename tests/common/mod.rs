@@ -138,7 +138,13 @@ impl Node {
 
     /// POSTs an environment request; returns the status code and body.
     pub async fn request_env(&self, body: Value) -> Result<(u16, Value)> {
-        raw(&self.client, "POST", "/v1/environments", Some(body.to_string().into_bytes())).await
+        raw(
+            &self.client,
+            "POST",
+            "/v1/environments",
+            Some(body.to_string().into_bytes()),
+        )
+        .await
     }
 
     /// Polls an environment until it leaves pending/loading/starting.
@@ -165,10 +171,13 @@ impl Drop for Node {
 
 /// Sends a request and returns the status code and JSON body (or the text
 /// as a JSON string when the body is not JSON).
-pub async fn raw(client: &Client, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Value)> {
-    let (status, bytes) = client
-        .send_raw(method.parse().unwrap(), path, body)
-        .await?;
+pub async fn raw(
+    client: &Client,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(u16, Value)> {
+    let (status, bytes) = client.send_raw(method.parse().unwrap(), path, body).await?;
     let v = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Ok((status.as_u16(), v))
@@ -220,7 +229,12 @@ impl Drop for Cleanup {
 /// Builds a test image from a demo build context and returns its tag.
 pub async fn build_image(engine: &Engine, tag: &str, image: &DemoImage) -> Result<String> {
     engine
-        .build(image.context_tar(), tag, Default::default(), Default::default())
+        .build(
+            image.context_tar(),
+            tag,
+            Default::default(),
+            Default::default(),
+        )
         .await
         .with_context(|| format!("building {tag}"))?;
     Ok(tag.to_string())
