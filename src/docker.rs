@@ -110,6 +110,8 @@ pub struct ContainerFacts {
     pub health: Option<String>,
     /// (container port, host port) of published TCP ports.
     pub ports: Vec<(u16, u16)>,
+    /// The container's address on its network, if it has one.
+    pub ip: Option<std::net::IpAddr>,
     pub labels: HashMap<String, String>,
 }
 
@@ -373,8 +375,15 @@ impl Engine {
             Err(e) => return Err(api("inspect container")(e)),
         };
         let state = c.state.unwrap_or_default();
+        let net = c.network_settings.unwrap_or_default();
+        let ip = net
+            .networks
+            .unwrap_or_default()
+            .values()
+            .filter_map(|n| n.ip_address.as_deref()?.parse().ok())
+            .next();
         let mut ports = Vec::new();
-        for (key, bindings) in c.network_settings.and_then(|n| n.ports).unwrap_or_default() {
+        for (key, bindings) in net.ports.unwrap_or_default() {
             let Some(cport) = key.strip_suffix("/tcp").and_then(|p| p.parse::<u16>().ok()) else {
                 continue;
             };
@@ -399,6 +408,7 @@ impl Engine {
                 .map(|s| s.to_string())
                 .filter(|s| !s.is_empty() && s != "none"),
             ports,
+            ip,
             labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
         }))
     }

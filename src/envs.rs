@@ -499,7 +499,7 @@ impl Envs {
                     }
                     Some(_) => {}
                     None => {
-                        if self.ports_answer(&c.ports).await {
+                        if self.ports_answer(&c).await {
                             break Ok(c.ports);
                         }
                     }
@@ -528,14 +528,21 @@ impl Envs {
         }
     }
 
-    async fn ports_answer(&self, ports: &[(u16, u16)]) -> bool {
-        let host = if self.settings.publish_addr.is_unspecified() {
+    /// Whether every published port accepts a connection. Checked at the
+    /// container's own address: Docker's userland proxy accepts on the host
+    /// port even while nothing listens inside.
+    async fn ports_answer(&self, c: &crate::docker::ContainerFacts) -> bool {
+        let host_ip = if self.settings.publish_addr.is_unspecified() {
             std::net::IpAddr::from([127, 0, 0, 1])
         } else {
             self.settings.publish_addr
         };
-        for &(_, hp) in ports {
-            let connect = tokio::net::TcpStream::connect((host, hp));
+        for &(cport, hport) in &c.ports {
+            let target = match c.ip {
+                Some(ip) => (ip, cport),
+                None => (host_ip, hport),
+            };
+            let connect = tokio::net::TcpStream::connect(target);
             match tokio::time::timeout(Duration::from_secs(1), connect).await {
                 Ok(Ok(_)) => {}
                 _ => return false,

@@ -232,10 +232,26 @@ async fn admission_refuses_and_concurrent_requests_never_overcommit() -> Result<
         &name,
         &tmp.path().join("node"),
         &tmp.path().join("store"),
-        &["--memory", "150MiB", "--max-envs", "3"],
+        &[
+            "--memory",
+            "150MiB",
+            "--max-envs",
+            "3",
+            "--default-memory",
+            "8MiB",
+        ],
     )
     .await?;
-    let p = publish_pair(&node, &engine, &unique("t"), &mut cleanup).await?;
+    let prefix = unique("t");
+    let p = publish_pair(&node, &engine, &prefix, &mut cleanup).await?;
+    // An image that states no memory gets the node's 8 MiB default.
+    let small = format!("{prefix}-small:1");
+    let img = DemoImage {
+        memory: None,
+        extra_files: vec![("/marker".into(), random_bytes(1024))],
+        ..Default::default()
+    };
+    publish_one(&node, &engine, &small, &img, &mut cleanup).await?;
 
     // 8 concurrent requests for the last slots: exactly two get in.
     let mut tasks = Vec::new();
@@ -268,13 +284,15 @@ async fn admission_refuses_and_concurrent_requests_never_overcommit() -> Result<
     }
     assert_eq!(engine.env_containers(&name).await?.len(), 2);
 
-    // A request that fits by memory but not by count.
+    // 128 of 150 MiB and 2 of 3 slots taken: a small one fits, and then
+    // another fits by memory but not by count.
     let (code, body) = node
-        .request_env(json!({"image": p.base, "owner": "a@example.com", "memory": "6MiB"}))
+        .request_env(json!({"image": small, "owner": "a@example.com"}))
         .await?;
     assert_eq!(code, 202, "{body}");
+    assert_eq!(body["memory"], 8 << 20);
     let (code, body) = node
-        .request_env(json!({"image": p.base, "owner": "a@example.com", "memory": "6MiB"}))
+        .request_env(json!({"image": small, "owner": "a@example.com"}))
         .await?;
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["resource"], "max_envs");
@@ -285,7 +303,7 @@ async fn admission_refuses_and_concurrent_requests_never_overcommit() -> Result<
         .delete::<Value>(&format!("/v1/environments/{}", accepted[0]))
         .await?;
     let (code, body) = node
-        .request_env(json!({"image": p.base, "owner": "a@example.com", "aio": aio_max + 1}))
+        .request_env(json!({"image": small, "owner": "a@example.com", "aio": aio_max + 1}))
         .await?;
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["resource"], "aio");

@@ -51,9 +51,10 @@ impl Node {
             store.display().to_string(),
             "--publish-addr".into(),
             "127.0.0.1".into(),
-            "--ready-timeout".into(),
-            "60s".into(),
         ];
+        if !extra.contains(&"--ready-timeout") {
+            args.extend(["--ready-timeout".into(), "60s".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut node = Node {
             name: name.into(),
@@ -238,6 +239,35 @@ pub async fn build_image(engine: &Engine, tag: &str, image: &DemoImage) -> Resul
         .await
         .with_context(|| format!("building {tag}"))?;
     Ok(tag.to_string())
+}
+
+/// Builds `image` as a source tag, publishes it as `r` through the node's
+/// API and removes the source tag; both tags are registered for cleanup.
+pub async fn publish_one(
+    node: &Node,
+    engine: &Engine,
+    r: &str,
+    image: &DemoImage,
+    cleanup: &mut Cleanup,
+) -> Result<Value> {
+    let src = format!("{}-src/img:1", r.replace(':', "-"));
+    cleanup.images.push(src.clone());
+    cleanup.images.push(format!("shoal/{r}"));
+    build_image(engine, &src, image).await?;
+    let (code, body) = raw(
+        &node.client,
+        "POST",
+        "/v1/images",
+        Some(
+            serde_json::json!({"source": src, "ref": r})
+                .to_string()
+                .into_bytes(),
+        ),
+    )
+    .await?;
+    anyhow::ensure!(code == 201, "publish {r}: {code} {body}");
+    engine.remove_image(&src).await?;
+    Ok(body)
 }
 
 /// Random bytes, so a test's layers are its own.
