@@ -415,6 +415,13 @@ mod tests {
             .collect()
     }
 
+    /// Nodes, request, expected outcome per node.
+    type Case = (
+        Vec<NodeView>,
+        PlacementRequest,
+        Vec<(&'static str, Result<(), Reason>)>,
+    );
+
     #[test]
     fn every_filter_rule() {
         let mut constrained = req(32 * GIB, 0);
@@ -423,11 +430,7 @@ mod tests {
             .insert("memory".into(), "256GB".into());
         let mut rack = constrained.clone();
         rack.constraints.insert("rack".into(), "3".into());
-        let cases: Vec<(
-            Vec<NodeView>,
-            PlacementRequest,
-            Vec<(&str, Result<(), Reason>)>,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (vec![node("ok")], req(32 * GIB, 1000), vec![("ok", Ok(()))]),
             (
                 vec![with("d", |n, _| n.alive = false)],

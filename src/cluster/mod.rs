@@ -114,7 +114,7 @@ impl GossipConfig {
         if self.gossip_interval.is_zero() {
             return bad("gossip interval must be positive".into());
         }
-        if !(self.phi_threshold > 0.0) {
+        if self.phi_threshold.is_nan() || self.phi_threshold <= 0.0 {
             return bad("phi threshold must be positive".into());
         }
         if self.advertise_addr.ip().is_unspecified() {
