@@ -700,6 +700,7 @@ mod tests {
             .collect();
         let kv = to_kv(&f);
         let bytes = kv_bytes(&kv);
+        eprintln!("worst-case state: {bytes} bytes in {} keys", kv.len());
         assert!(bytes < 16 * 1024, "{bytes} bytes");
         assert_eq!(from_kv(kv_refs(&kv)).unwrap().layers.len(), 300);
         assert_eq!(from_kv(kv_refs(&kv)).unwrap().envs.len(), 8);
