@@ -1,0 +1,760 @@
+//! Placement: which nodes could take an environment, best first, and why
+//! every other node cannot. Pure: no I/O, no async, no clock, no chitchat;
+//! it reads the typed cluster view ([`NodeView`]) and the image's layers.
+//!
+//! Filters, in this order (a node is rejected with the first that fails):
+//! 1. alive (not dead, not left) and its facts readable;
+//! 2. not draining;
+//! 3. has role `slave` (a node with no roles configured has every role);
+//! 4. every request constraint `k=v` equals the node's label `k`;
+//! 5. a free environment slot: `env_count < max_envs`;
+//! 6. memory headroom `allocatable − committed` ≥ request (committed
+//!    includes reservations still loading);
+//! 7. AIO headroom `aio_max − max(aio_in_use, aio_committed)` ≥ request.
+//!
+//! Why `max` for AIO: `aio_in_use` is the host-wide count of AIO contexts
+//! (`fs.aio-nr`: host processes and every container), `aio_committed` the
+//! sum of what shoal's environments declared (including ones still loading
+//! that have not opened theirs yet). Each alone can miss part of the truth;
+//! their sum would count the contexts of running environments twice and
+//! refuse hosts that have room. `max` is never below either figure, and
+//! gossip only guides: the chosen node re-checks with its exact local
+//! accounting before it reserves (the admission module), so a too-hopeful
+//! guess costs one refusal, never an overcommit.
+//!
+//! Ranking, best first: predicted time to ready (bytes of the image's
+//! layers the node lacks ÷ its measured load throughput, or the default),
+//! then the tightest memory fit (least memory free after placement, to pack
+//! environments), then the node name. "Lacks" skips the longest prefix of
+//! the image's chain ids whose last id the node holds (a chain id names the
+//! whole stack below it).
+//!
+//! Spreading: [`attempt_order`] picks among the near-equal head of the
+//! ranking with a caller-given seed, so concurrent requests entering at
+//! different nodes do not all try the same node first.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::archive::{held_prefix_short, Digest};
+use crate::cluster::keys::LAYER_PREFIX_LEN;
+use crate::cluster::{NodeView, Role};
+use crate::store::Manifest;
+use crate::units::format_size;
+
+/// What an environment needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PlacementRequest {
+    /// Bytes of memory.
+    pub memory: u64,
+    /// Linux AIO contexts.
+    pub aio: u64,
+    /// Node labels that must match exactly (`memory=256GB`).
+    pub constraints: BTreeMap<String, String>,
+}
+
+/// One node that can take the environment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ranked {
+    pub node: String,
+    /// Its HTTP API, `host:port`.
+    pub http_addr: String,
+    /// Seconds to load the layers it lacks (0 when it holds the image).
+    pub predicted_load_secs: f64,
+    /// Bytes of layers it lacks.
+    pub missing_bytes: u64,
+    /// Memory headroom left after this environment.
+    pub memory_free_after: u64,
+    /// AIO headroom left after this environment.
+    pub aio_free_after: u64,
+}
+
+/// Why a node cannot take the environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Reason {
+    Dead,
+    Left,
+    UnreadableFacts {
+        error: String,
+    },
+    Draining,
+    NotSlave {
+        roles: Vec<Role>,
+    },
+    LabelMismatch {
+        label: String,
+        wanted: String,
+        has: Option<String>,
+    },
+    MaxEnvs {
+        running: u32,
+        max: u32,
+    },
+    MemoryShort {
+        short: u64,
+        need: u64,
+        free: u64,
+    },
+    AioShort {
+        short: u64,
+        need: u64,
+        free: u64,
+    },
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Dead => write!(f, "node is dead (no gossip heartbeat)"),
+            Reason::Left => write!(f, "node left the cluster"),
+            Reason::UnreadableFacts { error } => {
+                write!(f, "node's gossip facts are unreadable: {error}")
+            }
+            Reason::Draining => write!(f, "node is draining and takes no new environments"),
+            Reason::NotSlave { roles } => {
+                let r: Vec<&str> = roles.iter().map(Role::as_str).collect();
+                write!(f, "node is not a slave (roles: {})", r.join(", "))
+            }
+            Reason::LabelMismatch {
+                label,
+                wanted,
+                has: Some(has),
+            } => {
+                write!(f, "label {label} is {has}, wanted {wanted}")
+            }
+            Reason::LabelMismatch {
+                label,
+                wanted,
+                has: None,
+            } => {
+                write!(f, "label {label} is not set, wanted {wanted}")
+            }
+            Reason::MaxEnvs { running, max } => {
+                write!(f, "node runs {running} of at most {max} environments")
+            }
+            Reason::MemoryShort { short, need, free } => write!(
+                f,
+                "memory short by {} (needs {}, {} free)",
+                format_size(*short),
+                format_size(*need),
+                format_size(*free)
+            ),
+            Reason::AioShort { short, need, free } => {
+                write!(
+                    f,
+                    "AIO contexts short by {short} (needs {need}, {free} free)"
+                )
+            }
+        }
+    }
+}
+
+/// The answer: who can take it, best first, and why the others cannot.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct Placement {
+    pub ranked: Vec<Ranked>,
+    pub rejected: Vec<(String, Reason)>,
+}
+
+/// The image's layers as placement needs them: chain id and uncompressed
+/// size (what a load writes), bottom-up.
+pub fn layers_of(m: &Manifest) -> Vec<(Digest, u64)> {
+    m.layers.iter().map(|l| (l.chain_id, l.size)).collect()
+}
+
+/// Ranks `nodes` for `req`. `layers` are the image's (chain id, bytes),
+/// bottom-up; `default_load_bps` stands in for nodes that have not measured
+/// their load throughput yet.
+pub fn rank(
+    nodes: &[NodeView],
+    req: &PlacementRequest,
+    layers: &[(Digest, u64)],
+    default_load_bps: u64,
+) -> Placement {
+    let chain: Vec<Digest> = layers.iter().map(|(d, _)| *d).collect();
+    let mut out = Placement::default();
+    for n in nodes {
+        match check(n, req, &chain, layers, default_load_bps) {
+            Ok(r) => out.ranked.push(r),
+            Err(reason) => out.rejected.push((n.name.clone(), reason)),
+        }
+    }
+    out.ranked.sort_by(compare);
+    out.rejected.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn compare(a: &Ranked, b: &Ranked) -> Ordering {
+    a.predicted_load_secs
+        .total_cmp(&b.predicted_load_secs)
+        .then(a.memory_free_after.cmp(&b.memory_free_after))
+        .then_with(|| a.node.cmp(&b.node))
+}
+
+fn check(
+    n: &NodeView,
+    req: &PlacementRequest,
+    chain: &[Digest],
+    layers: &[(Digest, u64)],
+    default_load_bps: u64,
+) -> Result<Ranked, Reason> {
+    if n.left && !n.alive {
+        return Err(Reason::Left);
+    }
+    if !n.alive {
+        return Err(Reason::Dead);
+    }
+    let f = match (&n.facts, &n.facts_error) {
+        (Some(f), _) => f,
+        (None, e) => {
+            return Err(Reason::UnreadableFacts {
+                error: e.clone().unwrap_or_else(|| "no facts".into()),
+            })
+        }
+    };
+    if n.left {
+        return Err(Reason::Left);
+    }
+    if f.draining {
+        return Err(Reason::Draining);
+    }
+    if !f.has_role(Role::Slave) {
+        return Err(Reason::NotSlave {
+            roles: f.roles.iter().copied().collect(),
+        });
+    }
+    for (label, wanted) in &req.constraints {
+        let has = f.labels.get(label);
+        if has != Some(wanted) {
+            return Err(Reason::LabelMismatch {
+                label: label.clone(),
+                wanted: wanted.clone(),
+                has: has.cloned(),
+            });
+        }
+    }
+    if f.env_count >= f.max_envs {
+        return Err(Reason::MaxEnvs {
+            running: f.env_count,
+            max: f.max_envs,
+        });
+    }
+    let mem_free = f.memory_allocatable.saturating_sub(f.memory_committed);
+    if mem_free < req.memory {
+        return Err(Reason::MemoryShort {
+            short: req.memory - mem_free,
+            need: req.memory,
+            free: mem_free,
+        });
+    }
+    let aio_free = f.aio_max.saturating_sub(f.aio_in_use.max(f.aio_committed));
+    if aio_free < req.aio {
+        return Err(Reason::AioShort {
+            short: req.aio - aio_free,
+            need: req.aio,
+            free: aio_free,
+        });
+    }
+    let held: HashSet<String> = f.layers.iter().cloned().collect();
+    let have = held_prefix_short(chain, &held, LAYER_PREFIX_LEN);
+    let missing_bytes: u64 = layers[have..].iter().map(|(_, s)| *s).sum();
+    let bps = f
+        .load_bps
+        .filter(|b| *b > 0)
+        .unwrap_or(default_load_bps)
+        .max(1);
+    Ok(Ranked {
+        node: n.name.clone(),
+        http_addr: f.http_addr.clone(),
+        predicted_load_secs: missing_bytes as f64 / bps as f64,
+        missing_bytes,
+        memory_free_after: mem_free - req.memory,
+        aio_free_after: aio_free - req.aio,
+    })
+}
+
+/// Candidates whose predicted time is within this fraction of the best...
+pub const NEAR_EQUAL_FRACTION: f64 = 0.10;
+/// ...or within this many seconds of it, are near-equal.
+pub const NEAR_EQUAL_SECS: f64 = 2.0;
+/// At most this many near-equal candidates share the first attempts, so
+/// packing (tightest fit first) still mostly holds.
+pub const NEAR_EQUAL_MAX: usize = 3;
+
+/// How many leading candidates of a ranking are near-equal to the best.
+pub fn near_equal_band(ranked: &[Ranked]) -> usize {
+    let Some(best) = ranked.first() else { return 0 };
+    let limit = best.predicted_load_secs
+        + (best.predicted_load_secs * NEAR_EQUAL_FRACTION).max(NEAR_EQUAL_SECS);
+    ranked
+        .iter()
+        .take(NEAR_EQUAL_MAX)
+        .take_while(|r| r.predicted_load_secs <= limit)
+        .count()
+}
+
+/// The order in which to ask candidates to reserve: the near-equal band
+/// rotated by `seed` (e.g. a hash of the request id), then the rest in rank
+/// order. Deterministic for a given seed.
+pub fn attempt_order(ranked: &[Ranked], seed: u64) -> Vec<&Ranked> {
+    let band = near_equal_band(ranked);
+    let mut out: Vec<&Ranked> = Vec::with_capacity(ranked.len());
+    if band > 0 {
+        let start = (mix(seed) % band as u64) as usize;
+        out.extend(ranked[..band].iter().cycle().skip(start).take(band));
+    }
+    out.extend(&ranked[band..]);
+    out
+}
+
+/// The candidate to ask first: the head of [`attempt_order`].
+pub fn choose(ranked: &[Ranked], seed: u64) -> Option<&Ranked> {
+    attempt_order(ranked, seed).into_iter().next()
+}
+
+/// splitmix64: spreads consecutive seeds over the band.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The chain-id prefixes a node gossips for the layers it holds.
+pub fn layer_prefixes(chain_ids: &[Digest]) -> BTreeSet<String> {
+    chain_ids
+        .iter()
+        .map(|c| c.short(LAYER_PREFIX_LEN))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::chain_ids;
+    use crate::cluster::NodeFacts;
+
+    const GIB: u64 = 1 << 30;
+    const BPS: u64 = 100 << 20; // default: 100 MiB/s
+
+    fn image() -> Vec<(Digest, u64)> {
+        let diffs: Vec<Digest> = (0..3u8).map(|i| Digest::of(&[i])).collect();
+        let chain = chain_ids(&diffs);
+        // base 10 GiB, middle 2 GiB, top 1 GiB
+        chain.into_iter().zip([10 * GIB, 2 * GIB, GIB]).collect()
+    }
+
+    /// A healthy 256 GiB slave with room for everything and no layers.
+    fn node(name: &str) -> NodeView {
+        NodeView {
+            name: name.into(),
+            facts: Some(NodeFacts {
+                name: name.into(),
+                http_addr: format!("{name}:8080"),
+                roles: [Role::Slave].into(),
+                labels: [("memory".to_string(), "256GB".to_string())].into(),
+                memory_total: 256 * GIB,
+                memory_allocatable: 240 * GIB,
+                memory_committed: 0,
+                aio_max: 1_048_576,
+                aio_in_use: 0,
+                aio_committed: 0,
+                max_envs: 8,
+                env_count: 0,
+                ..Default::default()
+            }),
+            facts_error: None,
+            alive: true,
+            left: false,
+            is_self: false,
+            generation: 1,
+            gossip_addr: "127.0.0.1:7946".parse().unwrap(),
+            heartbeat: 10,
+            last_seen: None,
+        }
+    }
+
+    fn with(name: &str, edit: impl FnOnce(&mut NodeView, &mut NodeFacts)) -> NodeView {
+        let mut n = node(name);
+        let mut f = n.facts.take().unwrap();
+        edit(&mut n, &mut f);
+        n.facts = Some(f);
+        n
+    }
+
+    fn req(memory: u64, aio: u64) -> PlacementRequest {
+        PlacementRequest {
+            memory,
+            aio,
+            constraints: BTreeMap::new(),
+        }
+    }
+
+    /// Expected outcome per node: `Ok(())` ranked, `Err(reason)` rejected.
+    fn check(nodes: Vec<NodeView>, r: PlacementRequest, expect: &[(&str, Result<(), Reason>)]) {
+        let p = rank(&nodes, &r, &image(), BPS);
+        for (name, want) in expect {
+            let ranked = p.ranked.iter().any(|x| x.node == *name);
+            let rejected = p.rejected.iter().find(|(n, _)| n == name).map(|(_, r)| r);
+            match want {
+                Ok(()) => assert!(ranked, "{name} should be ranked, got {rejected:?}"),
+                Err(reason) => assert_eq!(rejected, Some(reason), "{name}"),
+            }
+        }
+    }
+
+    fn order(nodes: Vec<NodeView>, r: PlacementRequest) -> Vec<String> {
+        rank(&nodes, &r, &image(), BPS)
+            .ranked
+            .into_iter()
+            .map(|r| r.node)
+            .collect()
+    }
+
+    /// Nodes, request, expected outcome per node.
+    type Case = (
+        Vec<NodeView>,
+        PlacementRequest,
+        Vec<(&'static str, Result<(), Reason>)>,
+    );
+
+    #[test]
+    fn every_filter_rule() {
+        let mut constrained = req(32 * GIB, 0);
+        constrained
+            .constraints
+            .insert("memory".into(), "256GB".into());
+        let mut rack = constrained.clone();
+        rack.constraints.insert("rack".into(), "3".into());
+        let cases: Vec<Case> = vec![
+            (vec![node("ok")], req(32 * GIB, 1000), vec![("ok", Ok(()))]),
+            (
+                vec![with("d", |n, _| n.alive = false)],
+                req(0, 0),
+                vec![("d", Err(Reason::Dead))],
+            ),
+            (
+                vec![with("l", |n, _| {
+                    n.alive = false;
+                    n.left = true
+                })],
+                req(0, 0),
+                vec![("l", Err(Reason::Left))],
+            ),
+            (
+                vec![{
+                    let mut n = node("u");
+                    n.facts = None;
+                    n.facts_error = Some("missing key `mem`".into());
+                    n
+                }],
+                req(0, 0),
+                vec![(
+                    "u",
+                    Err(Reason::UnreadableFacts {
+                        error: "missing key `mem`".into(),
+                    }),
+                )],
+            ),
+            (
+                vec![with("dr", |_, f| f.draining = true)],
+                req(0, 0),
+                vec![("dr", Err(Reason::Draining))],
+            ),
+            (
+                vec![with("b", |_, f| {
+                    f.roles = [Role::Build, Role::Master].into()
+                })],
+                req(0, 0),
+                vec![(
+                    "b",
+                    Err(Reason::NotSlave {
+                        roles: vec![Role::Build, Role::Master],
+                    }),
+                )],
+            ),
+            // No roles configured: every role, slave included.
+            (
+                vec![with("all", |_, f| f.roles.clear())],
+                req(0, 0),
+                vec![("all", Ok(()))],
+            ),
+            (vec![node("m")], constrained.clone(), vec![("m", Ok(()))]),
+            (
+                vec![with("small", |_, f| {
+                    f.labels.insert("memory".into(), "128GB".into());
+                })],
+                constrained,
+                vec![(
+                    "small",
+                    Err(Reason::LabelMismatch {
+                        label: "memory".into(),
+                        wanted: "256GB".into(),
+                        has: Some("128GB".into()),
+                    }),
+                )],
+            ),
+            (
+                vec![node("norack")],
+                rack,
+                vec![(
+                    "norack",
+                    Err(Reason::LabelMismatch {
+                        label: "rack".into(),
+                        wanted: "3".into(),
+                        has: None,
+                    }),
+                )],
+            ),
+            (
+                vec![with("full", |_, f| f.env_count = 8)],
+                req(0, 0),
+                vec![("full", Err(Reason::MaxEnvs { running: 8, max: 8 }))],
+            ),
+            (
+                vec![with("zero", |_, f| f.max_envs = 0)],
+                req(0, 0),
+                vec![("zero", Err(Reason::MaxEnvs { running: 0, max: 0 }))],
+            ),
+            // 240 allocatable − 220 committed = 20 free; 32 needed.
+            (
+                vec![with("mem", |_, f| f.memory_committed = 220 * GIB)],
+                req(32 * GIB, 0),
+                vec![(
+                    "mem",
+                    Err(Reason::MemoryShort {
+                        short: 12 * GIB,
+                        need: 32 * GIB,
+                        free: 20 * GIB,
+                    }),
+                )],
+            ),
+            // Exactly fits.
+            (
+                vec![with("exact", |_, f| f.memory_committed = 208 * GIB)],
+                req(32 * GIB, 0),
+                vec![("exact", Ok(()))],
+            ),
+            // Overcommitted node: headroom 0, no underflow.
+            (
+                vec![with("over", |_, f| f.memory_committed = 300 * GIB)],
+                req(GIB, 0),
+                vec![(
+                    "over",
+                    Err(Reason::MemoryShort {
+                        short: GIB,
+                        need: GIB,
+                        free: 0,
+                    }),
+                )],
+            ),
+            // AIO: in_use dominates.
+            (
+                vec![with("aio1", |_, f| {
+                    f.aio_max = 65_536;
+                    f.aio_in_use = 60_000;
+                    f.aio_committed = 10_000
+                })],
+                req(0, 10_000),
+                vec![(
+                    "aio1",
+                    Err(Reason::AioShort {
+                        short: 4_464,
+                        need: 10_000,
+                        free: 5_536,
+                    }),
+                )],
+            ),
+            // AIO: committed dominates (a reservation still loading).
+            (
+                vec![with("aio2", |_, f| {
+                    f.aio_max = 65_536;
+                    f.aio_in_use = 1_000;
+                    f.aio_committed = 60_000
+                })],
+                req(0, 10_000),
+                vec![(
+                    "aio2",
+                    Err(Reason::AioShort {
+                        short: 4_464,
+                        need: 10_000,
+                        free: 5_536,
+                    }),
+                )],
+            ),
+            // The first failing rule is the one reported.
+            (
+                vec![with("first", |n, f| {
+                    n.alive = true;
+                    f.draining = true;
+                    f.env_count = 8
+                })],
+                req(0, 0),
+                vec![("first", Err(Reason::Draining))],
+            ),
+        ];
+        for (nodes, r, expect) in cases {
+            check(nodes, r, &expect);
+        }
+    }
+
+    #[test]
+    fn reasons_read_as_sentences() {
+        let cases = [
+            (Reason::Dead, "node is dead (no gossip heartbeat)"),
+            (
+                Reason::NotSlave {
+                    roles: vec![Role::Build],
+                },
+                "node is not a slave (roles: build)",
+            ),
+            (
+                Reason::LabelMismatch {
+                    label: "memory".into(),
+                    wanted: "256GB".into(),
+                    has: Some("128GB".into()),
+                },
+                "label memory is 128GB, wanted 256GB",
+            ),
+            (
+                Reason::MaxEnvs { running: 8, max: 8 },
+                "node runs 8 of at most 8 environments",
+            ),
+            (
+                Reason::MemoryShort {
+                    short: 12 * GIB,
+                    need: 32 * GIB,
+                    free: 20 * GIB,
+                },
+                "memory short by 12GiB (needs 32GiB, 20GiB free)",
+            ),
+            (
+                Reason::AioShort {
+                    short: 5,
+                    need: 10,
+                    free: 5,
+                },
+                "AIO contexts short by 5 (needs 10, 5 free)",
+            ),
+        ];
+        for (r, s) in cases {
+            assert_eq!(r.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn missing_bytes_skip_the_longest_held_prefix() {
+        let img = image();
+        let chain: Vec<Digest> = img.iter().map(|(d, _)| *d).collect();
+        let cases: [(&[usize], u64); 5] = [
+            (&[], 13 * GIB),
+            (&[0], 3 * GIB),
+            (&[1], GIB), // chain id 1 implies layer 0
+            (&[2], 0),
+            (&[0, 2], 0),
+        ];
+        for (held, want) in cases {
+            let n = with("n", |_, f| {
+                f.layers = held.iter().map(|&i| chain[i].short(16)).collect()
+            });
+            let p = rank(&[n], &req(0, 0), &img, BPS);
+            assert_eq!(p.ranked[0].missing_bytes, want, "held {held:?}");
+            assert_eq!(p.ranked[0].predicted_load_secs, want as f64 / BPS as f64);
+        }
+    }
+
+    #[test]
+    fn ranking_order() {
+        let chain: Vec<Digest> = image().iter().map(|(d, _)| *d).collect();
+        let cached = |f: &mut NodeFacts| f.layers = [chain[2].short(16)].into();
+        // A node with the image cached beats a tighter fit without it.
+        let nodes = vec![
+            with("tight-cold", |_, f| f.memory_committed = 200 * GIB),
+            with("loose-warm", |_, f| cached(f)),
+        ];
+        assert_eq!(order(nodes, req(32 * GIB, 0)), ["loose-warm", "tight-cold"]);
+        // Equal load cost: the tightest fit first (pack), then by name.
+        let nodes = vec![
+            with("c", |_, f| f.memory_committed = 64 * GIB),
+            with("b", |_, f| f.memory_committed = 160 * GIB),
+            with("a", |_, f| f.memory_committed = 64 * GIB),
+        ];
+        assert_eq!(order(nodes, req(32 * GIB, 0)), ["b", "a", "c"]);
+        // A measured fast loader beats the default throughput.
+        let nodes = vec![
+            node("slow"),
+            with("fast", |_, f| f.load_bps = Some(1000 << 20)),
+        ];
+        assert_eq!(order(nodes, req(0, 0)), ["fast", "slow"]);
+        // A base-only node beats a node with nothing.
+        let nodes = vec![
+            node("none"),
+            with("base", |_, f| f.layers = [chain[0].short(16)].into()),
+        ];
+        assert_eq!(order(nodes, req(0, 0)), ["base", "none"]);
+    }
+
+    fn ranked(name: &str, secs: f64) -> Ranked {
+        Ranked {
+            node: name.into(),
+            http_addr: String::new(),
+            predicted_load_secs: secs,
+            missing_bytes: 0,
+            memory_free_after: 0,
+            aio_free_after: 0,
+        }
+    }
+
+    #[test]
+    fn near_equal_band_cases() {
+        let cases: Vec<(Vec<f64>, usize)> = vec![
+            (vec![], 0),
+            (vec![0.0], 1),
+            (vec![0.0, 0.0, 0.0, 0.0], 3),  // capped at NEAR_EQUAL_MAX
+            (vec![0.0, 1.9, 2.1], 2),       // 2 s absolute slack
+            (vec![100.0, 109.0, 111.0], 2), // 10% relative slack
+            (vec![0.0, 130.0], 1),          // cached vs cold: not equal
+        ];
+        for (secs, want) in cases {
+            let r: Vec<Ranked> = secs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| ranked(&format!("n{i}"), *s))
+                .collect();
+            assert_eq!(near_equal_band(&r), want, "{secs:?}");
+        }
+    }
+
+    #[test]
+    fn attempt_order_spreads_and_keeps_everyone() {
+        let r: Vec<Ranked> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| ranked(n, 0.0))
+            .collect();
+        let mut firsts = BTreeSet::new();
+        for seed in 0..64 {
+            let o: Vec<&str> = attempt_order(&r, seed)
+                .iter()
+                .map(|x| x.node.as_str())
+                .collect();
+            assert_eq!(o.len(), 4);
+            assert_eq!(o[3], "d", "outside the band stays last");
+            let mut sorted = o.clone();
+            sorted.sort();
+            assert_eq!(sorted, ["a", "b", "c", "d"]);
+            firsts.insert(o[0].to_string());
+            // Deterministic.
+            assert_eq!(choose(&r, seed).unwrap().node, o[0]);
+        }
+        assert_eq!(
+            firsts.len(),
+            3,
+            "the first attempt spreads over the whole band"
+        );
+        assert!(choose(&[], 1).is_none());
+    }
+}
