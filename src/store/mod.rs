@@ -921,7 +921,7 @@ mod tests {
     fn round_trip(legacy: bool, seed: u64, n: usize, skip: usize) {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut layers = image(&mut rng, n);
-        if n >= 3 && seed % 3 == 0 {
+        if n >= 3 && seed.is_multiple_of(3) {
             layers[2] = layers[0].clone(); // a layer that appears twice
         }
         let config = config_for(&layers, "2GiB");
