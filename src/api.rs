@@ -12,12 +12,18 @@
 //! - `GET  /v1/environments`          environments of this node
 //! - `GET  /v1/environments/{id}`     one environment
 //! - `DELETE /v1/environments/{id}`   stop and remove it
+//! - `GET  /v1/cluster`               every node this node knows, alive or dead
+//! - `POST /v1/placement`             where a request would go, and why
+//!
+//! Environment calls reach the whole cluster: a request is placed on the
+//! best node, a read or delete goes to the owner (`routing.rs`). A call with
+//! the `x-shoal-local` header is served by this node alone.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -27,6 +33,7 @@ use tracing::{info, warn};
 use crate::docker::EngineInfo;
 use crate::envs::{EnvError, Envs};
 use crate::model::{EnvRequest, ErrorBody, FieldError, ImageInfo, NodeInfo, PublishRequest};
+use crate::routing::{Cluster, Forwarded, RouteError, LOCAL_HEADER};
 use crate::store::{ImageRef, PublishHint, StoreError};
 
 /// Largest request body accepted.
@@ -36,6 +43,7 @@ pub const MAX_BODY: usize = 1 << 20;
 pub struct AppState {
     pub envs: Arc<Envs>,
     pub engine: EngineInfo,
+    pub cluster: Arc<Cluster>,
 }
 
 /// An error answer: status plus the JSON body.
@@ -53,6 +61,7 @@ impl ApiError {
                 error: error.into(),
                 field: None,
                 resource: None,
+                reasons: Vec::new(),
             },
         }
     }
@@ -105,6 +114,11 @@ impl From<EnvError> for ApiError {
                 a
             }
             EnvError::NotFound(_) => ApiError::field(StatusCode::NOT_FOUND, "id", e.to_string()),
+            EnvError::Draining(_) => {
+                let mut a = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                a.body.resource = Some("draining".into());
+                a
+            }
             EnvError::Store(s) => s.into(),
             EnvError::Docker(_) => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
             _ => {
@@ -150,6 +164,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/images/{image}", get(get_image))
         .route("/v1/environments", get(list_envs).post(create_env))
         .route("/v1/environments/{id}", get(get_env).delete(delete_env))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/placement", axum::routing::post(placement))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -264,7 +280,128 @@ async fn publish(
     Ok((status, Json(ImageInfo::from(&manifest))).into_response())
 }
 
+fn is_local(headers: &HeaderMap) -> bool {
+    headers.contains_key(LOCAL_HEADER)
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        let mut a = ApiError::new(e.status, e.error);
+        // When every node was short of the same thing, name it.
+        let first = e.reasons.first().and_then(|r| r.resource.clone());
+        if first.is_some() && e.reasons.iter().all(|r| r.resource == first) {
+            a.body.resource = first;
+        }
+        a.body.reasons = e.reasons;
+        a
+    }
+}
+
+/// A node's answer, passed on as it came.
+fn passthrough(f: Forwarded) -> Response {
+    let mut resp = (
+        f.status,
+        [(header::CONTENT_TYPE, "application/json")],
+        f.body.clone(),
+    )
+        .into_response();
+    if f.status == StatusCode::ACCEPTED {
+        if let Ok(rec) = serde_json::from_slice::<crate::model::EnvRecord>(&f.body) {
+            if let Ok(v) = format!("/v1/environments/{}", rec.id).parse() {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+        }
+    }
+    resp
+}
+
 async fn create_env(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(req).await?;
+    let req: EnvRequest = parse_body(&body)?;
+    let r = req.image_ref()?;
+    let store = s.envs.store().clone();
+    let manifest = tokio::task::spawn_blocking(move || store.get(&r))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let spec = req.check(&manifest.requirements, s.envs.settings().default_memory)?;
+    if !is_local(&headers) {
+        return Ok(passthrough(
+            s.cluster.create(&body, &req, spec, manifest).await?,
+        ));
+    }
+    if let Some(want) = &req.constraints {
+        for (k, v) in want {
+            if s.envs.settings().labels.get(k) != Some(v) {
+                return Err(ApiError::field(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "constraints",
+                    format!("node lacks label {k}={v}"),
+                ));
+            }
+        }
+    }
+    let rec = s.envs.create(spec, manifest)?;
+    let location = format!("/v1/environments/{}", rec.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(rec),
+    )
+        .into_response())
+}
+
+async fn list_envs(State(s): State<Arc<AppState>>, headers: HeaderMap) -> impl IntoResponse {
+    if is_local(&headers) {
+        Json(s.envs.list())
+    } else {
+        Json(s.cluster.all_envs().await)
+    }
+}
+
+async fn get_env(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if let Some(rec) = s.envs.get(&id) {
+        return Ok(Json(rec).into_response());
+    }
+    if !is_local(&headers) {
+        if let Some(f) = s.cluster.forward_env(hyper::Method::GET, &id).await {
+            return Ok(passthrough(f?));
+        }
+    }
+    Err(ApiError::field(
+        StatusCode::NOT_FOUND,
+        "id",
+        format!("environment {id} not found"),
+    ))
+}
+
+async fn delete_env(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if s.envs.get(&id).is_none() && !is_local(&headers) {
+        if let Some(f) = s.cluster.forward_env(hyper::Method::DELETE, &id).await {
+            return Ok(passthrough(f?));
+        }
+    }
+    let rec = s.envs.delete(&id).await?;
+    Ok(Json(rec).into_response())
+}
+
+async fn cluster(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(s.cluster.view_now().await)
+}
+
+/// `POST /v1/placement`: the ranking and every refusal, placing nothing.
+async fn placement(
     State(s): State<Arc<AppState>>,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
@@ -276,38 +413,43 @@ async fn create_env(
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let spec = req.check(&manifest.requirements, s.envs.settings().default_memory)?;
-    let rec = s.envs.create(spec, manifest)?;
-    let location = format!("/v1/environments/{}", rec.id);
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, location)],
-        Json(rec),
-    )
-        .into_response())
-}
-
-async fn list_envs(State(s): State<Arc<AppState>>) -> impl IntoResponse {
-    Json(s.envs.list())
-}
-
-async fn get_env(
-    State(s): State<Arc<AppState>>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let rec = s.envs.get(&id).ok_or_else(|| {
-        ApiError::field(
-            StatusCode::NOT_FOUND,
-            "id",
-            format!("environment {id} not found"),
-        )
-    })?;
-    Ok(Json(rec).into_response())
-}
-
-async fn delete_env(
-    State(s): State<Arc<AppState>>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let rec = s.envs.delete(&id).await?;
-    Ok(Json(rec).into_response())
+    let preq = crate::placement::PlacementRequest {
+        memory: spec.memory,
+        aio: spec.aio,
+        constraints: req.constraints.clone().unwrap_or_default(),
+    };
+    let placed = s.cluster.placement(&preq, &manifest);
+    let ranked: Vec<serde_json::Value> = placed
+        .ranked
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "node": r.node,
+                "http_addr": r.http_addr,
+                "predicted_load_secs": r.predicted_load_secs,
+                "missing_bytes": r.missing_bytes,
+                "memory_free_after": r.memory_free_after,
+                "aio_free_after": r.aio_free_after,
+                "why": format!(
+                    "loads {} it lacks in ~{:.0}s, leaves {} memory free",
+                    crate::units::format_size(r.missing_bytes),
+                    r.predicted_load_secs,
+                    crate::units::format_size(r.memory_free_after)
+                ),
+            })
+        })
+        .collect();
+    let rejected: Vec<serde_json::Value> = placed
+        .rejected
+        .iter()
+        .map(|(node, reason)| serde_json::json!({"node": node, "reason": reason.to_string(), "detail": reason}))
+        .collect();
+    Ok(Json(serde_json::json!({
+        "image": spec.image.to_string(),
+        "memory": spec.memory,
+        "aio": spec.aio,
+        "ranked": ranked,
+        "rejected": rejected,
+    }))
+    .into_response())
 }

@@ -33,6 +33,7 @@ pub struct Client {
     base: String,
     http: HyperClient<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    headers: Vec<(String, String)>,
 }
 
 impl Client {
@@ -47,7 +48,14 @@ impl Client {
             base,
             http,
             timeout,
+            headers: Vec::new(),
         })
+    }
+
+    /// The same client, sending `name: value` with every request.
+    pub fn with_header(mut self, name: &str, value: &str) -> Client {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -65,6 +73,9 @@ impl Client {
         let mut req = Request::builder().method(method).uri(&url);
         if body.is_some() {
             req = req.header("content-type", "application/json");
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
@@ -110,6 +121,7 @@ impl Client {
                 error: String::from_utf8_lossy(&bytes).into_owned(),
                 field: None,
                 resource: None,
+                reasons: Vec::new(),
             });
             return Err(ClientError::Api { status, body });
         }

@@ -14,6 +14,7 @@ use crate::api::{router, AppState};
 use crate::config::Settings;
 use crate::docker::{DockerError, Engine};
 use crate::envs::{EnvError, Envs};
+use crate::routing::Cluster;
 use crate::store::{ImageRef, PublishHint, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,8 @@ pub enum DaemonError {
     Envs(#[from] EnvError),
     #[error("serving http: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("publishing the demo image: {0}")]
     Demo(String),
 }
@@ -36,6 +39,10 @@ pub struct RunOptions {
     /// Publish the embedded demo image as `demo:1` at start if missing.
     pub demo: bool,
 }
+
+/// How long a stopping node waits for environments still loading or
+/// starting before it leaves anyway.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 
 /// The demo build every new user can request right away.
 pub const DEMO_REF: &str = "demo:1";
@@ -72,9 +79,24 @@ pub async fn run(
         ensure_demo(&engine, &store).await?;
     }
     let envs = Envs::recover(settings.clone(), engine, store).await?;
+    let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+    let http_addr = if addr.ip().is_unspecified() {
+        format!("{}:{}", settings.advertise_host, addr.port())
+    } else {
+        addr.to_string()
+    };
+    let cluster = Cluster::start(
+        &settings,
+        envs.clone(),
+        http_addr,
+        info.storage_driver.clone(),
+    )
+    .await?;
+    let publisher = cluster.spawn_publisher();
     let state = Arc::new(AppState {
         envs: envs.clone(),
         engine: info,
+        cluster: cluster.clone(),
     });
 
     // Reconcile worker: notices containers that stopped on their own and
@@ -90,7 +112,6 @@ pub async fn run(
         })
     };
 
-    let addr = listener.local_addr().map_err(DaemonError::Serve)?;
     // Where this node actually listens (port 0 picks one): for scripts and
     // tests that start a node without fixing its port.
     crate::envs::write_atomic(
@@ -100,14 +121,33 @@ pub async fn run(
     .map_err(DaemonError::Serve)?;
     info!(node = %settings.name, http = %addr, store = %settings.store.display(), "node ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let served = axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
+    let drain = {
+        let (envs, cluster) = (envs.clone(), cluster.clone());
+        async move {
             shutdown.await;
-            info!("shutting down: no new requests; running environments stay up");
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-        })
+            // Ordered shutdown: tell the cluster we take nothing new, give
+            // in-flight starts a deadline, leave the cluster, stop serving.
+            // Running environments are never stopped.
+            envs.set_draining();
+            cluster.publish().await;
+            info!(node = %envs.settings().name, in_flight = envs.in_flight(), "draining");
+            let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+            while envs.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if envs.in_flight() > 0 {
+                warn!(in_flight = envs.in_flight(), "drain deadline passed: abandoning in-flight starts (they show failed after restart)");
+            }
+            cluster.shutdown().await;
+            info!("left the cluster; running environments stay up");
+        }
+    };
+    let served = axum::serve(listener, router(state))
+        .with_graceful_shutdown(drain)
         .await;
     reconcile.abort();
+    publisher.abort();
     served.map_err(DaemonError::Serve)
 }
 

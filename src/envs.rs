@@ -46,6 +46,8 @@ pub enum EnvError {
     Docker(#[from] DockerError),
     #[error(transparent)]
     Transfer(#[from] crate::transfer::TransferError),
+    #[error("node {0} is draining and takes no new environments")]
+    Draining(String),
     #[error("host facts: {0}")]
     Host(#[from] crate::host::HostError),
     #[error("journal {path}: {source}")]
@@ -76,6 +78,11 @@ pub struct Envs {
     image_locks: Mutex<HashMap<ImageRef, Arc<tokio::sync::Mutex<()>>>>,
     /// Throughput of the last load, bytes/s (for placement).
     last_load_bps: Mutex<Option<u64>>,
+    /// Set on shutdown: no new environments are admitted.
+    draining: std::sync::atomic::AtomicBool,
+    /// Woken on every change of a record or reservation, so the gossip
+    /// publisher can tell the cluster at once.
+    changed: tokio::sync::Notify,
 }
 
 fn new_id() -> String {
@@ -112,6 +119,8 @@ impl Envs {
             state: Mutex::new(State::default()),
             image_locks: Mutex::default(),
             last_load_bps: Mutex::new(None),
+            draining: Default::default(),
+            changed: Default::default(),
         });
         let mut journal = envs.read_journal();
         let mut watch = Vec::new();
@@ -221,6 +230,36 @@ impl Envs {
         self.state.lock().unwrap().ledger.committed()
     }
 
+    /// Stops admitting new environments (shutdown).
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_one();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Completes after the next change of any record or reservation.
+    pub fn changed(&self) -> &tokio::sync::Notify {
+        &self.changed
+    }
+
+    /// Environments still on their way to ready (pending, loading, starting).
+    pub fn in_flight(&self) -> usize {
+        let st = self.state.lock().unwrap();
+        st.envs
+            .values()
+            .filter(|r| {
+                matches!(
+                    r.status,
+                    EnvStatus::Pending | EnvStatus::Loading | EnvStatus::Starting
+                )
+            })
+            .count()
+    }
+
     pub fn last_load_bps(&self) -> Option<u64> {
         *self.last_load_bps.lock().unwrap()
     }
@@ -232,6 +271,9 @@ impl Envs {
         spec: EnvSpec,
         manifest: Manifest,
     ) -> Result<EnvRecord, EnvError> {
+        if self.is_draining() {
+            return Err(EnvError::Draining(self.settings.name.clone()));
+        }
         let cap = self.capacity()?;
         let id = new_id();
         let rec = EnvRecord {
@@ -265,6 +307,7 @@ impl Envs {
                 })?;
             st.envs.insert(id.clone(), rec.clone());
         }
+        self.changed.notify_one();
         if let Err(e) = self.write_journal(&rec) {
             let mut st = self.state.lock().unwrap();
             st.ledger.release(&id);
@@ -327,6 +370,7 @@ impl Envs {
             }
         }
         rec.status = EnvStatus::Deleted;
+        self.changed.notify_one();
         info!(env = %id, "environment deleted");
         Ok(rec)
     }
@@ -585,6 +629,7 @@ impl Envs {
             st.ledger.release(id);
         }
         drop(st);
+        self.changed.notify_one();
         if let Err(e) = self.write_journal(&rec) {
             warn!(env = %id, error = %e, "journal write failed");
         }
@@ -603,6 +648,7 @@ impl Envs {
             (rec.status != before || rec.container.is_some()).then(|| rec.clone())
         };
         if let Some(rec) = rec {
+            self.changed.notify_one();
             if let Err(e) = self.write_journal(&rec) {
                 warn!(env = %id, error = %e, "journal write failed");
             }

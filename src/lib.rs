@@ -17,6 +17,7 @@ pub mod envs;
 pub mod host;
 pub mod model;
 pub mod placement;
+pub mod routing;
 pub mod store;
 pub mod transfer;
 pub mod units;

@@ -129,6 +129,9 @@ pub struct EnvRequest {
     pub aio: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
+    /// Node labels the environment's node must have (`{"memory": "256GB"}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraints: Option<BTreeMap<String, String>>,
 }
 
 /// A request that failed a check: the message and the field it names.
@@ -322,6 +325,19 @@ pub struct ErrorBody {
     /// For refusals: which resource was short.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<String>,
+    /// For refusals by the cluster: each node and why it could not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<NodeReason>,
+}
+
+/// Why one node could not take a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReason {
+    pub node: String,
+    pub reason: String,
+    /// The resource that was short, when one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
 }
 
 #[cfg(test)]
@@ -335,6 +351,7 @@ mod tests {
             memory,
             aio,
             env: None,
+            constraints: None,
         }
     }
 

@@ -106,6 +106,20 @@ pub enum Reason {
     },
 }
 
+impl Reason {
+    /// The resource that was short, as refusals name it (`memory`, `aio`,
+    /// `max_envs`, `draining`); `None` for reasons that are not a shortage.
+    pub fn resource(&self) -> Option<&'static str> {
+        match self {
+            Reason::MemoryShort { .. } => Some("memory"),
+            Reason::AioShort { .. } => Some("aio"),
+            Reason::MaxEnvs { .. } => Some("max_envs"),
+            Reason::Draining => Some("draining"),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

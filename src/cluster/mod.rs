@@ -287,6 +287,12 @@ impl Gossip {
         })
     }
 
+    /// Starts gossip over real UDP on `cfg.listen_addr` (what the daemon
+    /// uses; tests of the protocol use [`Gossip::start`] with a channel).
+    pub async fn start_udp(cfg: GossipConfig, initial: &NodeFacts) -> Result<Gossip, ClusterError> {
+        Gossip::start(cfg, initial, &chitchat::transport::UdpTransport).await
+    }
+
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.self_id.node_id

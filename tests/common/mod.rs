@@ -27,6 +27,8 @@ pub fn unique(prefix: &str) -> String {
 /// A running daemon process.
 pub struct Node {
     pub name: String,
+    /// UDP gossip address.
+    pub gossip: String,
     pub dir: PathBuf,
     pub store: PathBuf,
     pub args: Vec<String>,
@@ -52,12 +54,25 @@ impl Node {
             "--publish-addr".into(),
             "127.0.0.1".into(),
         ];
+        let gossip = match extra.iter().position(|a| *a == "--gossip") {
+            Some(i) => extra[i + 1].to_string(),
+            None => {
+                let g = format!("127.0.0.1:{}", free_udp_port()?);
+                args.extend(["--gossip".into(), g.clone()]);
+                g
+            }
+        };
+        if !extra.contains(&"--cluster-id") {
+            // A cluster of its own, so parallel tests never meet.
+            args.extend(["--cluster-id".into(), format!("c-{name}")]);
+        }
         if !extra.contains(&"--ready-timeout") {
             args.extend(["--ready-timeout".into(), "60s".into()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut node = Node {
             name: name.into(),
+            gossip,
             dir: dir.into(),
             store: store.into(),
             args,
@@ -168,6 +183,13 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A UDP port free right now on 127.0.0.1.
+pub fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Sends a request and returns the status code and JSON body (or the text
