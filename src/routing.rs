@@ -356,7 +356,9 @@ impl Cluster {
         method: hyper::Method,
         id: &str,
     ) -> Option<Result<Forwarded, RouteError>> {
-        let (node, summary) = self.owner_of(id)?;
+        let Some((node, summary)) = self.owner_of(id) else {
+            return self.ask_everyone(method, id).await;
+        };
         if !node.alive || node.left {
             if method == hyper::Method::GET {
                 let rec = lost_record(&node.name, &summary);
@@ -386,6 +388,53 @@ impl Cluster {
                         "node {} owns environment {id} but did not answer: {e}",
                         node.name
                     ),
+                    reasons: Vec::new(),
+                }),
+        )
+    }
+
+    /// For an environment gossip does not show yet (created a moment ago
+    /// on another node): asks every live node, and the one that has it
+    /// answers.
+    async fn ask_everyone(
+        &self,
+        method: hyper::Method,
+        id: &str,
+    ) -> Option<Result<Forwarded, RouteError>> {
+        let view = self.view();
+        let path = format!("/v1/environments/{id}");
+        let peers: Vec<Client> = view
+            .nodes
+            .iter()
+            .filter(|n| !n.is_self && n.alive && !n.left)
+            .filter_map(|n| self.peer(n))
+            .collect();
+        let asks = peers
+            .iter()
+            .map(|c| c.send_raw(hyper::Method::GET, &path, None));
+        let found = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .zip(&peers)
+            .find_map(|(r, c)| match r {
+                Ok((StatusCode::OK, body)) => Some((c.clone(), body)),
+                _ => None,
+            });
+        let (client, body) = found?;
+        if method == hyper::Method::GET {
+            return Some(Ok(Forwarded {
+                status: StatusCode::OK,
+                body,
+            }));
+        }
+        Some(
+            client
+                .send_raw(method, &path, None)
+                .await
+                .map(|(status, body)| Forwarded { status, body })
+                .map_err(|e| RouteError {
+                    status: StatusCode::BAD_GATEWAY,
+                    error: format!("the node that owns environment {id} did not answer: {e}"),
                     reasons: Vec::new(),
                 }),
         )
