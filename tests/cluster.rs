@@ -189,7 +189,7 @@ async fn request_at_any_node_lands_on_the_best_slave_and_is_reachable_everywhere
         .await?;
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["reasons"].as_array().unwrap().len(), 3, "{body}");
-    assert_eq!(body["reasons"][0]["node"].is_string(), true);
+    assert!(body["reasons"][0]["node"].is_string());
 
     // Delete through a node that does not own it.
     master.wait_settled(&any.id).await?;
