@@ -159,6 +159,15 @@ struct DaemonArgs {
     /// KEY=VALUE, repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// One gossip round every this often, e.g. `500ms`.
+    #[arg(long)]
+    gossip_interval: Option<String>,
+    /// Failure detector threshold (phi); higher waits longer.
+    #[arg(long)]
+    phi_threshold: Option<u32>,
+    /// How long a dead node stays listed, e.g. `1h`.
+    #[arg(long)]
+    dead_node_grace: Option<String>,
 }
 
 impl DaemonArgs {
@@ -186,6 +195,9 @@ impl DaemonArgs {
             seeds: (!self.seeds.is_empty()).then(|| self.seeds.clone()),
             roles: (!self.roles.is_empty()).then(|| self.roles.clone()),
             labels,
+            gossip_interval: self.gossip_interval.clone(),
+            phi_threshold: self.phi_threshold,
+            dead_node_grace: self.dead_node_grace.clone(),
         })
     }
 }

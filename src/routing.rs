@@ -90,6 +90,9 @@ impl Cluster {
         let mut cfg = GossipConfig::new(&settings.cluster_id, &settings.name, settings.gossip);
         cfg.advertise_addr = settings.advertise;
         cfg.seeds = settings.seeds.clone();
+        cfg.gossip_interval = settings.gossip_interval;
+        cfg.phi_threshold = settings.phi_threshold as f64;
+        cfg.dead_node_grace_period = settings.dead_node_grace;
         let roles = settings
             .roles
             .iter()
