@@ -141,6 +141,33 @@ struct DaemonArgs {
     /// KEY=VALUE, repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// Build watcher: drop directory of `<product>/<build-id>/` builds.
+    #[arg(long)]
+    drop: Option<PathBuf>,
+    /// Build watcher: recipes directory (`<product>/Dockerfile`).
+    #[arg(long)]
+    recipes: Option<PathBuf>,
+    /// Published builds kept per product (default 7).
+    #[arg(long)]
+    keep: Option<u32>,
+    /// File that marks a build directory complete (default BUILD_COMPLETE).
+    #[arg(long)]
+    build_marker: Option<String>,
+    /// Drop directory rescan interval, e.g. `30s`.
+    #[arg(long)]
+    build_rescan: Option<String>,
+    /// Builds run at once (default 1).
+    #[arg(long)]
+    build_concurrency: Option<u32>,
+    /// Longest a build may take, e.g. `1h`.
+    #[arg(long)]
+    build_timeout: Option<String>,
+    /// Layer files younger than this are never pruned, e.g. `10m`.
+    #[arg(long)]
+    prune_grace: Option<String>,
+    /// How often unpublished `shoal/*` images are removed from the engine.
+    #[arg(long)]
+    image_gc_interval: Option<String>,
 }
 
 impl DaemonArgs {
@@ -168,6 +195,15 @@ impl DaemonArgs {
             seeds: (!self.seeds.is_empty()).then(|| self.seeds.clone()),
             roles: (!self.roles.is_empty()).then(|| self.roles.clone()),
             labels,
+            drop: self.drop.clone(),
+            recipes: self.recipes.clone(),
+            keep: self.keep,
+            build_marker: self.build_marker.clone(),
+            build_rescan: self.build_rescan.clone(),
+            build_concurrency: self.build_concurrency,
+            build_timeout: self.build_timeout.clone(),
+            prune_grace: self.prune_grace.clone(),
+            image_gc_interval: self.image_gc_interval.clone(),
         })
     }
 }
