@@ -14,7 +14,7 @@ use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
 use bollard::query_parameters::{
     BuildImageOptions, CommitContainerOptions, CreateContainerOptions, ImportImageOptions,
     ListContainersOptions, ListImagesOptions, LogsOptions, RemoveContainerOptions,
-    RemoveImageOptions, WaitContainerOptions,
+    RemoveImageOptions, TagImageOptions, WaitContainerOptions,
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -597,6 +597,20 @@ impl Engine {
             .await
             .map_err(api("commit container"))?;
         Ok(done.id)
+    }
+
+    /// Tags image `image` (id or tag) as `repo:tag`.
+    pub async fn tag(&self, image: &str, repo: &str, tag: &str) -> Result<(), DockerError> {
+        self.docker
+            .tag_image(
+                image,
+                Some(TagImageOptions {
+                    repo: Some(repo.to_string()),
+                    tag: Some(tag.to_string()),
+                }),
+            )
+            .await
+            .map_err(api("tag image"))
     }
 
     /// Every `shoal/...` tag in the engine (the images shoal loaded or

@@ -791,7 +791,7 @@ impl LayerSink for Ingest<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use rand::rngs::StdRng;
@@ -823,7 +823,7 @@ mod tests {
         b.into_inner().unwrap()
     }
 
-    fn config_for(layers: &[Vec<u8>], memory: &str) -> String {
+    pub(crate) fn config_for(layers: &[Vec<u8>], memory: &str) -> String {
         let diffs: Vec<String> = layers.iter().map(|l| Digest::of(l).to_string()).collect();
         serde_json::json!({
             "architecture": "amd64",
@@ -917,7 +917,7 @@ mod tests {
     }
 
     /// A `docker save` archive as Docker >= 25 writes it (OCI layout).
-    fn oci_save(config: &str, layers: &[Vec<u8>], tag: &str) -> Vec<u8> {
+    pub(crate) fn oci_save(config: &str, layers: &[Vec<u8>], tag: &str) -> Vec<u8> {
         let all: Vec<(Digest, u64)> = layers
             .iter()
             .map(|l| (Digest::of(l), l.len() as u64))
