@@ -469,16 +469,18 @@ impl Engine {
         }
     }
 
-    /// Creates and starts a privileged container of `image` running
-    /// `command` (which replaces the image's entrypoint and command), for a
-    /// recipe's install step. Returns its id. It has no `shoal.*` labels:
-    /// they would end up in the committed image.
+    /// Creates and starts a container of `image` running `command` (which
+    /// replaces the image's entrypoint and command), for a recipe's install
+    /// step: privileged, or with only `capabilities` added when given.
+    /// Returns its id. It has no `shoal.*` labels: they would end up in the
+    /// committed image.
     pub async fn run_privileged(
         &self,
         name: &str,
         image: &str,
         command: &[String],
         env: &BTreeMap<String, String>,
+        capabilities: Option<&[String]>,
     ) -> Result<String, DockerError> {
         let body = ContainerCreateBody {
             image: Some(image.to_string()),
@@ -486,7 +488,8 @@ impl Engine {
             cmd: Some(Vec::new()),
             env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             host_config: Some(HostConfig {
-                privileged: Some(true),
+                privileged: Some(capabilities.is_none()),
+                cap_add: capabilities.map(|c| c.to_vec()),
                 ..Default::default()
             }),
             ..Default::default()

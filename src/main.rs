@@ -85,6 +85,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// List the builds the build nodes know (queued, building, published,
+    /// failed, pruned).
+    Builds {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a build's log.
+    BuildLog { product: String, build: String },
 }
 
 #[derive(Args)]
@@ -382,6 +390,52 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
         Cmd::Delete { id } => {
             let rec: EnvRecord = client.delete(&format!("/v1/environments/{id}")).await?;
             println!("{} {}", rec.id, rec.status);
+        }
+        Cmd::Builds { json } => {
+            let list: Vec<shoal::builds::BuildRecord> = client.get("/v1/builds").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let secs = |ms: Option<u64>| {
+                    ms.map(|m| format!("{:.1}s", m as f64 / 1000.0))
+                        .unwrap_or_else(|| "-".into())
+                };
+                let rows = list
+                    .iter()
+                    .map(|b| {
+                        vec![
+                            b.product.clone(),
+                            b.build.clone(),
+                            b.status.to_string(),
+                            b.node.clone(),
+                            b.detected_at.to_string(),
+                            secs(b.timings.build_ms),
+                            secs(b.timings.publish_ms),
+                            b.error.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "PRODUCT", "BUILD", "STATUS", "NODE", "DETECTED", "BUILD", "PUBLISH",
+                        "ERROR",
+                    ],
+                    rows,
+                );
+            }
+        }
+        Cmd::BuildLog { product, build } => {
+            let (status, body) = client
+                .send_raw(
+                    hyper::Method::GET,
+                    &format!("/v1/builds/{product}/{build}/log"),
+                    None,
+                )
+                .await?;
+            if !status.is_success() {
+                bail!("{status}: {}", String::from_utf8_lossy(&body));
+            }
+            print!("{}", String::from_utf8_lossy(&body));
         }
         Cmd::Node { json } => {
             let n: NodeInfo = client.get("/v1/node").await?;

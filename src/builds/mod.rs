@@ -758,11 +758,23 @@ impl Builds {
 
         if let Some(step) = &recipe.install {
             let started = Instant::now();
-            log.push(&format!("privileged install: {:?}", step.command));
+            match &step.capabilities {
+                None => log.push(&format!("privileged install: {:?}", step.command)),
+                Some(c) => log.push(&format!(
+                    "install with capabilities {c:?}: {:?}",
+                    step.command
+                )),
+            }
             let name = installer_name(image);
             engine.remove_container(&name).await?; // a crashed run's leftover
             let id = engine
-                .run_privileged(&name, &work, &step.command, &step.env)
+                .run_privileged(
+                    &name,
+                    &work,
+                    &step.command,
+                    &step.env,
+                    step.capabilities.as_deref(),
+                )
                 .await?;
             let res = self.finish_install(&id, image, &work, log).await;
             let _ = engine.remove_container(&id).await;

@@ -49,6 +49,7 @@ struct InstallFile {
     command: Vec<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    capabilities: Option<Vec<String>>,
 }
 
 /// A privileged install step: run `command` in a privileged container of
@@ -59,6 +60,10 @@ pub struct InstallStep {
     pub command: Vec<String>,
     /// Environment variables for the installer, besides the image's own.
     pub env: BTreeMap<String, String>,
+    /// `None`: a fully privileged container (`docker run --privileged`).
+    /// Some: only these capabilities are added (`--cap-add`), the least
+    /// privilege an installer that knows what it needs can run with.
+    pub capabilities: Option<Vec<String>>,
 }
 
 /// A checked recipe.
@@ -118,9 +123,31 @@ pub fn parse(product: &str, dir: &Path, text: &str) -> Result<Recipe, RecipeErro
                     ));
                 }
             }
+            if let Some(caps) = &i.capabilities {
+                if caps.is_empty() {
+                    return Err(key(
+                        "privileged_install.capabilities",
+                        "an empty list: leave the step out, or name what the installer needs"
+                            .into(),
+                    ));
+                }
+                for c in caps {
+                    let ok = !c.is_empty()
+                        && c.len() <= 32
+                        && c.bytes()
+                            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+                    if !ok {
+                        return Err(key(
+                            "privileged_install.capabilities",
+                            format!("`{c}` is not a capability name such as SYS_ADMIN"),
+                        ));
+                    }
+                }
+            }
             Some(InstallStep {
                 command: i.command,
                 env: i.env,
+                capabilities: i.capabilities,
             })
         }
     };
@@ -209,6 +236,10 @@ env = { INSTALL_DIR = "/opt/erp" }
         let i = r.install.unwrap();
         assert_eq!(i.command, ["/install.sh", "--silent"]);
         assert_eq!(i.env["INSTALL_DIR"], "/opt/erp");
+        assert_eq!(i.capabilities, None, "fully privileged by default");
+        let r = check("[privileged_install]\ncommand = [\"x\"]\ncapabilities = [\"SYS_ADMIN\"]")
+            .unwrap();
+        assert_eq!(r.install.unwrap().capabilities.unwrap(), ["SYS_ADMIN"]);
     }
 
     #[test]
@@ -234,6 +265,14 @@ env = { INSTALL_DIR = "/opt/erp" }
             ),
             ("[privileged_install]\ncmd = [\"x\"]", "unknown field"),
             ("[privileged_install]\n", "missing field `command`"),
+            (
+                "[privileged_install]\ncommand = [\"x\"]\ncapabilities = []",
+                "privileged_install.capabilities",
+            ),
+            (
+                "[privileged_install]\ncommand = [\"x\"]\ncapabilities = [\"sys admin\"]",
+                "privileged_install.capabilities",
+            ),
         ];
         for (text, want) in cases {
             let err = check(text).unwrap_err();
