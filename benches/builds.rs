@@ -144,7 +144,10 @@ async fn run(mib: usize) -> Result<()> {
     ] {
         cleanup.images.push(t);
     }
-    let (d, r) = (drop_dir.display().to_string(), recipes.display().to_string());
+    let (d, r) = (
+        drop_dir.display().to_string(),
+        recipes.display().to_string(),
+    );
     let node = Node::start(
         &name,
         &tmp.path().join("node"),
