@@ -23,6 +23,13 @@
 //!
 //! `demo-server --check` is the image's HEALTHCHECK: it GETs
 //! `http://127.0.0.1:$PORT/health` and exits 0 on a 200, 1 otherwise.
+//!
+//! Fake installer modes for the build watcher's tests (a recipe's
+//! privileged install step runs them): `demo-server --install FILE [TEXT]`
+//! writes TEXT and the process's effective capabilities (`CapEff` of
+//! `/proc/self/status`, which shows whether it ran privileged) to FILE,
+//! creating its directory, and exits 0; `demo-server --fail MESSAGE` prints
+//! MESSAGE on stderr and exits 1.
 
 use std::env;
 use std::io::{self, Read, Write};
@@ -60,6 +67,15 @@ extern "C" fn on_terminate(_signum: i32) {
 }
 
 fn main() {
+    let args: Vec<String> = env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("--install") => install(&args[2..]),
+        Some("--fail") => {
+            eprintln!("{}", args.get(2).map(String::as_str).unwrap_or("installer failed"));
+            process::exit(1);
+        }
+        _ => {}
+    }
     let port = match env::var("PORT") {
         Ok(v) => match v.trim().parse::<u16>() {
             Ok(p) => p,
@@ -284,4 +300,27 @@ fn secs_var(name: &str) -> Option<Duration> {
 fn fail(msg: &str) -> ! {
     eprintln!("demo-server: {msg}");
     process::exit(2);
+}
+
+/// `--install FILE [TEXT]`: see the module header.
+fn install(args: &[String]) -> ! {
+    let Some(file) = args.first() else {
+        fail("--install needs a file");
+    };
+    let text = args.get(1).map(String::as_str).unwrap_or("installed");
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("CapEff:")).map(String::from))
+        .unwrap_or_else(|| "CapEff: unknown".into());
+    let path = std::path::Path::new(file);
+    if let Some(dir) = path.parent() {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            fail(&format!("creating {}: {e}", dir.display()));
+        }
+    }
+    if let Err(e) = std::fs::write(path, format!("{text}\n{caps}\n")) {
+        fail(&format!("writing {file}: {e}"));
+    }
+    println!("installed {file} ({caps})");
+    process::exit(0)
 }

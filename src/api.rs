@@ -14,6 +14,8 @@
 //! - `DELETE /v1/environments/{id}`   stop and remove it
 //! - `GET  /v1/cluster`               every node this node knows, alive or dead
 //! - `POST /v1/placement`             where a request would go, and why
+//! - `GET  /v1/builds`                every build the build nodes know
+//! - `GET  /v1/builds/{product}/{build}/log`  a build's log (text)
 //!
 //! Environment calls reach the whole cluster: a request is placed on the
 //! best node, a read or delete goes to the owner (`routing.rs`). A call with
@@ -44,6 +46,7 @@ pub struct AppState {
     pub envs: Arc<Envs>,
     pub engine: EngineInfo,
     pub cluster: Arc<Cluster>,
+    pub builds: Arc<crate::builds::Builds>,
 }
 
 /// An error answer: status plus the JSON body.
@@ -166,6 +169,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/environments/{id}", get(get_env).delete(delete_env))
         .route("/v1/cluster", get(cluster))
         .route("/v1/placement", axum::routing::post(placement))
+        // Build watcher (builds/).
+        .route("/v1/builds", get(list_builds))
+        .route("/v1/builds/{product}/{build}/log", get(build_log))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -463,4 +469,41 @@ async fn placement(
         "rejected": rejected,
     }))
     .into_response())
+}
+
+/// `GET /v1/builds`: this node's builds, and (unless the call is local)
+/// every live build node's.
+async fn list_builds(State(s): State<Arc<AppState>>, headers: HeaderMap) -> impl IntoResponse {
+    if is_local(&headers) {
+        Json(s.builds.list())
+    } else {
+        Json(s.builds.cluster_list(&s.cluster).await)
+    }
+}
+
+/// `GET /v1/builds/{product}/{build}/log`: the log, from the build node
+/// that has the build.
+async fn build_log(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((product, build)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let log = if is_local(&headers) {
+        s.builds.log(&product, &build)
+    } else {
+        s.builds.cluster_log(&s.cluster, &product, &build).await
+    };
+    match log {
+        Some(text) => Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            text,
+        )
+            .into_response()),
+        None => Err(ApiError::field(
+            StatusCode::NOT_FOUND,
+            "build",
+            format!("no build node has build {product}/{build}"),
+        )),
+    }
 }

@@ -92,6 +92,30 @@ pub struct Config {
     /// How long a dead node stays listed (as dead, its environments `lost`)
     /// before it is forgotten. Default `1h`.
     pub dead_node_grace: Option<String>,
+    /// Build watcher (role `build`): the drop directory where each build
+    /// appears as `<drop>/<product>/<build-id>/`. No watcher without it.
+    pub drop: Option<PathBuf>,
+    /// Build watcher: one sub-directory per product holding its
+    /// `Dockerfile` and optional `recipe.toml` (`docs/recipes.md`).
+    pub recipes: Option<PathBuf>,
+    /// Published builds kept per product; older ones are pruned. Default 7.
+    pub keep: Option<u32>,
+    /// File whose presence marks a build directory complete. Default
+    /// `BUILD_COMPLETE`.
+    pub build_marker: Option<String>,
+    /// How often the drop directory is rescanned even without file system
+    /// notifications (network file systems send none). Default `30s`.
+    pub build_rescan: Option<String>,
+    /// Builds run at once on this node. Default 1.
+    pub build_concurrency: Option<u32>,
+    /// Longest a build may take (a recipe may set its own). Default `1h`.
+    pub build_timeout: Option<String>,
+    /// Layer files younger than this are never pruned: another node may be
+    /// publishing an image that uses them. Default `10m`.
+    pub prune_grace: Option<String>,
+    /// How often this node removes `shoal/*` images that are no longer
+    /// published and that none of its environments use. Default `5m`.
+    pub image_gc_interval: Option<String>,
 }
 
 impl Config {
@@ -129,7 +153,19 @@ impl Config {
             advertise,
             seeds,
             roles,
-            labels
+            labels,
+            gossip_interval,
+            phi_threshold,
+            dead_node_grace,
+            drop,
+            recipes,
+            keep,
+            build_marker,
+            build_rescan,
+            build_concurrency,
+            build_timeout,
+            prune_grace,
+            image_gc_interval
         );
         self
     }
@@ -229,6 +265,7 @@ impl Config {
         if !(1..=100).contains(&phi_threshold) {
             return Err(field("phi_threshold", "must be 1-100"));
         }
+        let builds = self.build_settings()?;
         Ok(Settings {
             name,
             listen: self
@@ -251,8 +288,73 @@ impl Config {
             gossip_interval,
             phi_threshold,
             dead_node_grace,
+            builds,
         })
     }
+
+    fn build_settings(&self) -> Result<BuildSettings, ConfigError> {
+        let duration = |f: &'static str, v: &Option<String>, default: u64| match v {
+            None => Ok(Duration::from_secs(default)),
+            Some(s) => parse_duration(s).map_err(|e| field(f, e)),
+        };
+        let keep = self.keep.unwrap_or(7);
+        if keep == 0 {
+            return Err(field("keep", "must be at least 1"));
+        }
+        let concurrency = self.build_concurrency.unwrap_or(1);
+        if concurrency == 0 {
+            return Err(field("build_concurrency", "must be at least 1"));
+        }
+        let marker = self
+            .build_marker
+            .clone()
+            .unwrap_or_else(|| "BUILD_COMPLETE".into());
+        let marker_ok = !marker.is_empty()
+            && marker.len() <= 255
+            && marker != "."
+            && marker != ".."
+            && !marker.contains(['/', '\0']);
+        if !marker_ok {
+            return Err(field("build_marker", "must be a plain file name"));
+        }
+        let rescan = duration("build_rescan", &self.build_rescan, 30)?;
+        if rescan.is_zero() {
+            return Err(field("build_rescan", "must be positive"));
+        }
+        let timeout = duration("build_timeout", &self.build_timeout, 3600)?;
+        if timeout.is_zero() {
+            return Err(field("build_timeout", "must be positive"));
+        }
+        let image_gc_interval = duration("image_gc_interval", &self.image_gc_interval, 300)?;
+        if image_gc_interval.is_zero() {
+            return Err(field("image_gc_interval", "must be positive"));
+        }
+        Ok(BuildSettings {
+            drop: self.drop.clone(),
+            recipes: self.recipes.clone(),
+            keep: keep as usize,
+            marker,
+            rescan,
+            concurrency: concurrency as usize,
+            timeout,
+            prune_grace: duration("prune_grace", &self.prune_grace, 600)?,
+            image_gc_interval,
+        })
+    }
+}
+
+/// The build watcher's checked settings (see `docs/config.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildSettings {
+    pub drop: Option<PathBuf>,
+    pub recipes: Option<PathBuf>,
+    pub keep: usize,
+    pub marker: String,
+    pub rescan: Duration,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    pub prune_grace: Duration,
+    pub image_gc_interval: Duration,
 }
 
 /// A gossip interval: a duration, or milliseconds with `ms` (`500ms`).
@@ -293,6 +395,7 @@ pub struct Settings {
     pub gossip_interval: Duration,
     pub phi_threshold: u32,
     pub dead_node_grace: Duration,
+    pub builds: BuildSettings,
 }
 
 #[cfg(test)]
@@ -347,6 +450,10 @@ mod tests {
         assert!(err("gossip_interval = \"1ms\"").contains("`gossip_interval`"));
         assert!(err("dead_node_grace = \"later\"").contains("`dead_node_grace`"));
         assert!(err("labels = { \"mémoire\" = \"1\" }").contains("`labels`"));
+        assert!(err("keep = 0").contains("`keep`"));
+        assert!(err("build_marker = \"a/b\"").contains("`build_marker`"));
+        assert!(err("build_timeout = \"0s\"").contains("`build_timeout`"));
+        assert!(err("build_concurrency = 0").contains("`build_concurrency`"));
     }
 
     #[test]

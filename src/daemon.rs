@@ -31,6 +31,8 @@ pub enum DaemonError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("publishing the demo image: {0}")]
     Demo(String),
+    #[error(transparent)]
+    Builds(#[from] crate::builds::BuildError),
 }
 
 /// Options that are about this run, not the node's configuration.
@@ -93,10 +95,14 @@ pub async fn run(
     )
     .await?;
     let publisher = cluster.spawn_publisher();
+    // Build watcher (role build) and image GC (every node).
+    let builds = crate::builds::Builds::open(envs.clone())?;
+    let build_workers = builds.spawn(cluster.clone());
     let state = Arc::new(AppState {
         envs: envs.clone(),
         engine: info,
         cluster: cluster.clone(),
+        builds,
     });
 
     // Reconcile worker: notices containers that stopped on their own and
@@ -148,6 +154,7 @@ pub async fn run(
         .await;
     reconcile.abort();
     publisher.abort();
+    build_workers.iter().for_each(|t| t.abort());
     served.map_err(DaemonError::Serve)
 }
 

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
 use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, ImportImageOptions, ListContainersOptions,
-    ListImagesOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions,
+    BuildImageOptions, CommitContainerOptions, CreateContainerOptions, ImportImageOptions,
+    ListContainersOptions, ListImagesOptions, LogsOptions, RemoveContainerOptions,
+    RemoveImageOptions, TagImageOptions, WaitContainerOptions,
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -268,6 +269,22 @@ impl Engine {
         build_args: HashMap<String, String>,
         labels: HashMap<String, String>,
     ) -> Result<String, DockerError> {
+        let once = futures::stream::once(async move { Ok(Bytes::from(context)) });
+        self.build_stream(once, tag, build_args, labels).await
+    }
+
+    /// [`Engine::build`] with the tar build context streamed (a build
+    /// context can be many GiB: it is never held in memory whole).
+    pub async fn build_stream<S>(
+        &self,
+        context: S,
+        tag: &str,
+        build_args: HashMap<String, String>,
+        labels: HashMap<String, String>,
+    ) -> Result<String, DockerError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    {
         let opts = BuildImageOptions {
             t: Some(tag.to_string()),
             rm: true,
@@ -279,7 +296,7 @@ impl Engine {
         let mut log = String::new();
         let mut stream =
             self.docker
-                .build_image(opts, None, Some(bollard::body_full(Bytes::from(context))));
+                .build_image(opts, None, Some(bollard::body_try_stream(context)));
         while let Some(item) = stream.next().await {
             match item {
                 Ok(info) => {
@@ -449,6 +466,188 @@ impl Engine {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(api("remove container")(e)),
+        }
+    }
+
+    /// Creates and starts a container of `image` running `command` (which
+    /// replaces the image's entrypoint and command), for a recipe's install
+    /// step: privileged, or with only `capabilities` added when given.
+    /// Returns its id. It has no `shoal.*` labels: they would end up in the
+    /// committed image.
+    pub async fn run_privileged(
+        &self,
+        name: &str,
+        image: &str,
+        command: &[String],
+        env: &BTreeMap<String, String>,
+        capabilities: Option<&[String]>,
+    ) -> Result<String, DockerError> {
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            entrypoint: Some(command.to_vec()),
+            cmd: Some(Vec::new()),
+            env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            host_config: Some(HostConfig {
+                privileged: Some(capabilities.is_none()),
+                cap_add: capabilities.map(|c| c.to_vec()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.to_string()),
+                    platform: String::new(),
+                }),
+                body,
+            )
+            .await
+            .map_err(api("create container"))?;
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            let _ = self.remove_container(&created.id).await;
+            return Err(api("start container")(e));
+        }
+        Ok(created.id)
+    }
+
+    /// Waits until container `id` exits; returns its exit code.
+    pub async fn wait_exit(&self, id: &str) -> Result<i64, DockerError> {
+        // bollard reports a non-zero exit as an error item: the code is
+        // read from the container's state afterwards either way.
+        let mut waits = self.docker.wait_container(id, None::<WaitContainerOptions>);
+        while let Some(item) = waits.next().await {
+            if let Err(e) = item {
+                if !matches!(e, bollard::errors::Error::DockerContainerWaitError { .. }) {
+                    return Err(api("wait container")(e));
+                }
+            }
+        }
+        let c = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(api("inspect container"))?;
+        let state = c.state.unwrap_or_default();
+        if state.running.unwrap_or(false) {
+            return Err(DockerError::Build(format!("container {id} still runs")));
+        }
+        Ok(state.exit_code.unwrap_or(-1))
+    }
+
+    /// Everything container `id` wrote to stdout and stderr.
+    pub async fn logs_all(&self, id: &str) -> String {
+        let opts = LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: "all".into(),
+            ..Default::default()
+        };
+        let chunks: Vec<_> = self.docker.logs(id, Some(opts)).collect().await;
+        let mut out = String::new();
+        for c in chunks.into_iter().flatten() {
+            out.push_str(&String::from_utf8_lossy(&c.into_bytes()));
+        }
+        out
+    }
+
+    /// Commits container `id` as image `repo:tag`, with the run settings
+    /// (command, entrypoint, environment, labels, health check, exposed
+    /// ports, user, working directory) of image `like` rather than those of
+    /// the container (whose entrypoint was the installer). Returns the new
+    /// image id.
+    pub async fn commit_like(
+        &self,
+        id: &str,
+        like: &str,
+        repo: &str,
+        tag: &str,
+    ) -> Result<String, DockerError> {
+        let img = self
+            .docker
+            .inspect_image(like)
+            .await
+            .map_err(api("inspect image"))?;
+        let c = img.config.unwrap_or_default();
+        let config = bollard::models::ContainerConfig {
+            user: c.user,
+            exposed_ports: c.exposed_ports,
+            env: c.env,
+            cmd: c.cmd,
+            healthcheck: c.healthcheck,
+            volumes: c.volumes,
+            working_dir: c.working_dir,
+            // An empty list, not none: the engine fills a missing entrypoint
+            // in from the container (the installer command).
+            entrypoint: Some(c.entrypoint.unwrap_or_default()),
+            on_build: c.on_build,
+            labels: Some(c.labels.unwrap_or_default()),
+            stop_signal: c.stop_signal,
+            shell: c.shell,
+            ..Default::default()
+        };
+        let opts = CommitContainerOptions {
+            container: Some(id.to_string()),
+            repo: Some(repo.to_string()),
+            tag: Some(tag.to_string()),
+            pause: true,
+            ..Default::default()
+        };
+        let done = self
+            .docker
+            .commit_container(opts, config)
+            .await
+            .map_err(api("commit container"))?;
+        Ok(done.id)
+    }
+
+    /// Tags image `image` (id or tag) as `repo:tag`.
+    pub async fn tag(&self, image: &str, repo: &str, tag: &str) -> Result<(), DockerError> {
+        self.docker
+            .tag_image(
+                image,
+                Some(TagImageOptions {
+                    repo: Some(repo.to_string()),
+                    tag: Some(tag.to_string()),
+                }),
+            )
+            .await
+            .map_err(api("tag image"))
+    }
+
+    /// Every `shoal/...` tag in the engine (the images shoal loaded or
+    /// built); other images are never listed, so never touched.
+    pub async fn shoal_tags(&self) -> Result<Vec<String>, DockerError> {
+        let images = self
+            .docker
+            .list_images(None::<ListImagesOptions>)
+            .await
+            .map_err(api("list images"))?;
+        let mut tags: Vec<String> = images
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .filter(|t| t.starts_with("shoal/"))
+            .collect();
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
+    }
+
+    /// Removes tag `reference` unless a container uses the image (no
+    /// force); `Ok(false)` when it is in use or already gone.
+    pub async fn untag(&self, reference: &str) -> Result<bool, DockerError> {
+        match self
+            .docker
+            .remove_image(reference, None::<RemoveImageOptions>, None)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(false),
+            Err(e) => Err(api("remove image")(e)),
         }
     }
 

@@ -103,6 +103,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// List the builds the build nodes know (queued, building, published,
+    /// failed, pruned).
+    Builds {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a build's log.
+    BuildLog { product: String, build: String },
 }
 
 #[derive(Args)]
@@ -168,6 +176,33 @@ struct DaemonArgs {
     /// How long a dead node stays listed, e.g. `1h`.
     #[arg(long)]
     dead_node_grace: Option<String>,
+    /// Build watcher: drop directory of `<product>/<build-id>/` builds.
+    #[arg(long)]
+    drop: Option<PathBuf>,
+    /// Build watcher: recipes directory (`<product>/Dockerfile`).
+    #[arg(long)]
+    recipes: Option<PathBuf>,
+    /// Published builds kept per product (default 7).
+    #[arg(long)]
+    keep: Option<u32>,
+    /// File that marks a build directory complete (default BUILD_COMPLETE).
+    #[arg(long)]
+    build_marker: Option<String>,
+    /// Drop directory rescan interval, e.g. `30s`.
+    #[arg(long)]
+    build_rescan: Option<String>,
+    /// Builds run at once (default 1).
+    #[arg(long)]
+    build_concurrency: Option<u32>,
+    /// Longest a build may take, e.g. `1h`.
+    #[arg(long)]
+    build_timeout: Option<String>,
+    /// Layer files younger than this are never pruned, e.g. `10m`.
+    #[arg(long)]
+    prune_grace: Option<String>,
+    /// How often unpublished `shoal/*` images are removed from the engine.
+    #[arg(long)]
+    image_gc_interval: Option<String>,
 }
 
 impl DaemonArgs {
@@ -198,6 +233,15 @@ impl DaemonArgs {
             gossip_interval: self.gossip_interval.clone(),
             phi_threshold: self.phi_threshold,
             dead_node_grace: self.dead_node_grace.clone(),
+            drop: self.drop.clone(),
+            recipes: self.recipes.clone(),
+            keep: self.keep,
+            build_marker: self.build_marker.clone(),
+            build_rescan: self.build_rescan.clone(),
+            build_concurrency: self.build_concurrency,
+            build_timeout: self.build_timeout.clone(),
+            prune_grace: self.prune_grace.clone(),
+            image_gc_interval: self.image_gc_interval.clone(),
         })
     }
 }
@@ -485,6 +529,52 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
                     r["reason"].as_str().unwrap_or("")
                 );
             }
+        }
+        Cmd::Builds { json } => {
+            let list: Vec<shoal::builds::BuildRecord> = client.get("/v1/builds").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let secs = |ms: Option<u64>| {
+                    ms.map(|m| format!("{:.1}s", m as f64 / 1000.0))
+                        .unwrap_or_else(|| "-".into())
+                };
+                let rows = list
+                    .iter()
+                    .map(|b| {
+                        vec![
+                            b.product.clone(),
+                            b.build.clone(),
+                            b.status.to_string(),
+                            b.node.clone(),
+                            b.detected_at.to_string(),
+                            secs(b.timings.build_ms),
+                            secs(b.timings.publish_ms),
+                            b.error.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "PRODUCT", "BUILD", "STATUS", "NODE", "DETECTED", "BUILD", "PUBLISH",
+                        "ERROR",
+                    ],
+                    rows,
+                );
+            }
+        }
+        Cmd::BuildLog { product, build } => {
+            let (status, body) = client
+                .send_raw(
+                    hyper::Method::GET,
+                    &format!("/v1/builds/{product}/{build}/log"),
+                    None,
+                )
+                .await?;
+            if !status.is_success() {
+                bail!("{status}: {}", String::from_utf8_lossy(&body));
+            }
+            print!("{}", String::from_utf8_lossy(&body));
         }
         Cmd::Node { json } => {
             let n: NodeInfo = client.get("/v1/node").await?;

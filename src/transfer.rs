@@ -32,11 +32,24 @@ pub async fn publish(
     r: &ImageRef,
     hint: PublishHint,
 ) -> Result<(Manifest, PublishStats), StoreError> {
+    publish_derived(engine, store, source, r, hint, None).await
+}
+
+/// [`publish`] of an image built FROM the published build `base`, which the
+/// manifest records (see `Store::publish_derived`).
+pub async fn publish_derived(
+    engine: &Engine,
+    store: &Store,
+    source: &str,
+    r: &ImageRef,
+    hint: PublishHint,
+    base: Option<ImageRef>,
+) -> Result<(Manifest, PublishStats), StoreError> {
     let stream = engine.export(source).map_err(std::io::Error::other);
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let store = store.clone();
     let r = r.clone();
-    tokio::task::spawn_blocking(move || store.publish(reader, &r, &hint))
+    tokio::task::spawn_blocking(move || store.publish_derived(reader, &r, &hint, base))
         .await
         .map_err(|e| StoreError::Sink(std::io::Error::other(e)))?
 }

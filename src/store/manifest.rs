@@ -139,6 +139,11 @@ pub struct Manifest {
     pub healthcheck: bool,
     #[serde(with = "time::serde::rfc3339")]
     pub published_at: OffsetDateTime,
+    /// The published build this image was built FROM (a recipe's `base`),
+    /// so retention keeps it while this build is kept. Absent in manifests
+    /// of images that were not built by the build watcher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<ImageRef>,
 }
 
 /// What the manifest needs from the image config JSON.

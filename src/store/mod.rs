@@ -80,6 +80,27 @@ pub struct LoadStats {
     pub bytes_sent: u64,
 }
 
+/// One manifest file as [`Store::manifest_files`] found it.
+#[derive(Debug, Clone)]
+pub struct ManifestFile {
+    pub path: PathBuf,
+    /// The manifest when it reads and validates.
+    pub manifest: Option<Manifest>,
+    /// The diff ids it names; `None` when not even that can be read (then
+    /// no layer may be taken for garbage).
+    pub layers: Option<Vec<Digest>>,
+}
+
+/// The diff ids a manifest names, from its JSON alone.
+fn lenient_layers(path: &Path) -> Option<Vec<Digest>> {
+    let v: serde_json::Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    v.get("layers")?
+        .as_array()?
+        .iter()
+        .map(|l| l.get("diff_id")?.as_str()?.parse().ok())
+        .collect()
+}
+
 /// Figures of one publish.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PublishStats {
@@ -221,6 +242,98 @@ impl Store {
             .join(format!("{}.json", r.build))
     }
 
+    /// Every manifest file, read leniently for pruning: unlike
+    /// [`Store::list`], a manifest that does not validate (a newer format, a
+    /// missing layer) is still returned, with the layers it names when its
+    /// JSON says, so nothing it references is taken for garbage.
+    pub fn manifest_files(&self) -> Result<Vec<ManifestFile>, StoreError> {
+        let dir = self.manifests_dir();
+        let mut out = Vec::new();
+        for name in fs::read_dir(&dir).map_err(io_at(&dir))? {
+            let name = name.map_err(io_at(&dir))?.path();
+            if !name.is_dir() {
+                continue;
+            }
+            for file in fs::read_dir(&name).map_err(io_at(&name))? {
+                let path = file.map_err(io_at(&name))?.path();
+                if path.extension().is_none_or(|e| e != "json") {
+                    continue;
+                }
+                let manifest = self.read_manifest(&path).ok();
+                let layers = match &manifest {
+                    Some(m) => Some(m.layers.iter().map(|l| l.diff_id).collect()),
+                    None => lenient_layers(&path),
+                };
+                out.push(ManifestFile {
+                    path,
+                    manifest,
+                    layers,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Product names the store has a manifest directory for (kept when its
+    /// last manifest is pruned, so the name stays known).
+    pub fn products(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.manifests_dir();
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io_at(&dir))? {
+            let e = e.map_err(io_at(&dir))?;
+            if e.path().is_dir() {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every layer file with its modification time (refreshed by each
+    /// publish that uses the layer).
+    pub fn layer_files(&self) -> Result<Vec<(Digest, SystemTime)>, StoreError> {
+        let dir = self.layers_dir();
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io_at(&dir))? {
+            let e = e.map_err(io_at(&dir))?;
+            let name = e.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".tar.lz4")) else {
+                continue;
+            };
+            let Ok(d) = hex.parse::<Digest>() else {
+                continue;
+            };
+            let Ok(meta) = e.metadata() else { continue };
+            out.push((d, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+        }
+        Ok(out)
+    }
+
+    /// Removes the manifest of `r` (unpublishes it); `false` when it was
+    /// not there. Its layer files stay: see [`Store::remove_layer`].
+    pub fn remove_manifest(&self, r: &ImageRef) -> Result<bool, StoreError> {
+        let path = self.manifest_path(r);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                sync_dir(path.parent().expect("manifest paths have a parent"))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_at(&path)(e)),
+        }
+    }
+
+    /// Removes a layer file; `false` when it was not there. The caller
+    /// makes sure no manifest that stays names it.
+    pub fn remove_layer(&self, diff_id: &Digest) -> Result<bool, StoreError> {
+        let path = self.layer_path(diff_id);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_at(&path)(e)),
+        }
+    }
+
     /// Reads a `docker save` stream of one image and publishes it as `r`:
     /// every layer the store lacks is written (lz4 frame, level 1), then the
     /// manifest. Publishing the same image under the same ref again is a
@@ -232,7 +345,21 @@ impl Store {
         r: &ImageRef,
         hint: &PublishHint,
     ) -> Result<(Manifest, PublishStats), StoreError> {
-        self.publish_counted(save, r, hint)
+        self.publish_counted(save, r, hint, None)
+            .map(|(m, stats, _)| (m, stats))
+    }
+
+    /// [`Store::publish`] of an image built FROM the published build
+    /// `base`: the manifest records it (`Manifest::base`), so retention
+    /// keeps the base while this build is kept.
+    pub fn publish_derived<R: Read>(
+        &self,
+        save: R,
+        r: &ImageRef,
+        hint: &PublishHint,
+        base: Option<ImageRef>,
+    ) -> Result<(Manifest, PublishStats), StoreError> {
+        self.publish_counted(save, r, hint, base)
             .map(|(m, stats, _)| (m, stats))
     }
 
@@ -243,6 +370,7 @@ impl Store {
         save: R,
         r: &ImageRef,
         hint: &PublishHint,
+        base: Option<ImageRef>,
     ) -> Result<(Manifest, PublishStats, usize), StoreError> {
         let mut ingest = Ingest::new(self);
         let saved = read_save(
@@ -286,6 +414,12 @@ impl Store {
         let mut layers = Vec::with_capacity(chain.len());
         for (diff_id, chain_id) in facts.diff_ids.iter().zip(chain) {
             let path = self.layer_path(diff_id);
+            // Refresh the file's time: a pruner (on any node sharing the
+            // store) leaves layer files younger than its grace alone, so a
+            // layer this publish reuses is not taken as garbage meanwhile.
+            if let Ok(f) = File::options().write(true).open(&path) {
+                let _ = f.set_modified(SystemTime::now());
+            }
             let compressed_size = match fs::metadata(&path) {
                 Ok(meta) => meta.len(),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -311,6 +445,7 @@ impl Store {
             exposed_ports: facts.exposed_ports,
             healthcheck: facts.healthcheck,
             published_at: OffsetDateTime::now_utc(),
+            base,
         };
         debug_assert_eq!(m.validate(), Ok(()));
         match self.write_manifest(&m)? {
@@ -656,7 +791,7 @@ impl LayerSink for Ingest<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use rand::rngs::StdRng;
@@ -688,7 +823,7 @@ mod tests {
         b.into_inner().unwrap()
     }
 
-    fn config_for(layers: &[Vec<u8>], memory: &str) -> String {
+    pub(crate) fn config_for(layers: &[Vec<u8>], memory: &str) -> String {
         let diffs: Vec<String> = layers.iter().map(|l| Digest::of(l).to_string()).collect();
         serde_json::json!({
             "architecture": "amd64",
@@ -782,7 +917,7 @@ mod tests {
     }
 
     /// A `docker save` archive as Docker >= 25 writes it (OCI layout).
-    fn oci_save(config: &str, layers: &[Vec<u8>], tag: &str) -> Vec<u8> {
+    pub(crate) fn oci_save(config: &str, layers: &[Vec<u8>], tag: &str) -> Vec<u8> {
         let all: Vec<(Digest, u64)> = layers
             .iter()
             .map(|l| (Digest::of(l), l.len() as u64))
@@ -934,7 +1069,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (m, stats, compressed) = store
-            .publish_counted(&save[..], &r("demo:7"), &hint(&layers))
+            .publish_counted(&save[..], &r("demo:7"), &hint(&layers), None)
             .unwrap();
         let distinct: std::collections::HashSet<&Vec<u8>> = layers.iter().collect();
         assert_eq!(stats.layers_added, distinct.len());
@@ -1025,6 +1160,7 @@ mod tests {
                     &save(&config_for(&a, "1GiB"), &a, "x:1")[..],
                     &r("app:1"),
                     &hint(&a),
+                    None,
                 )
                 .unwrap();
             assert_eq!(sa.layers_added, 4);
@@ -1033,6 +1169,7 @@ mod tests {
                     &save(&config_for(&b, "1GiB"), &b, "x:2")[..],
                     &r("app:2"),
                     &hint(&b),
+                    None,
                 )
                 .unwrap();
             assert_eq!(sb.layers_added, 2, "legacy {legacy}");
@@ -1058,6 +1195,7 @@ mod tests {
                     &save(&config_for(&c, "1GiB"), &c, "x:3")[..],
                     &r("app:3"),
                     &PublishHint::default(),
+                    None,
                 )
                 .unwrap();
             assert_eq!(sc, PublishStats::default());

@@ -212,6 +212,8 @@ pub async fn raw(
 pub struct Cleanup {
     pub nodes: Vec<String>,
     pub images: Vec<String>,
+    /// Containers by name (build installers).
+    pub containers: Vec<String>,
 }
 
 impl Cleanup {
@@ -219,6 +221,7 @@ impl Cleanup {
         Cleanup {
             nodes: Vec::new(),
             images: Vec::new(),
+            containers: Vec::new(),
         }
     }
 }
@@ -227,6 +230,7 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let nodes = std::mem::take(&mut self.nodes);
         let images = std::mem::take(&mut self.images);
+        let containers = std::mem::take(&mut self.containers);
         let work = async move {
             let Ok(engine) = Engine::connect().await else {
                 return;
@@ -235,6 +239,9 @@ impl Drop for Cleanup {
                 for c in engine.env_containers(n).await.unwrap_or_default() {
                     let _ = engine.remove_container(&c).await;
                 }
+            }
+            for c in &containers {
+                let _ = engine.remove_container(c).await;
             }
             for i in &images {
                 let _ = engine.remove_image(i).await;
