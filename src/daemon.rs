@@ -31,6 +31,8 @@ pub enum DaemonError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("publishing the demo image: {0}")]
     Demo(String),
+    #[error(transparent)]
+    Mail(#[from] crate::mail::MailError),
 }
 
 /// Options that are about this run, not the node's configuration.
@@ -88,15 +90,33 @@ pub async fn run(
     let cluster = Cluster::start(
         &settings,
         envs.clone(),
-        http_addr,
+        http_addr.clone(),
         info.storage_driver.clone(),
     )
     .await?;
     let publisher = cluster.spawn_publisher();
+    // Testers' workers: mail (watcher + outbox) and the reservation reaper.
+    let public_url = settings
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{http_addr}"));
+    let mail = crate::mail::Mailer::new(&settings, public_url)?;
+    let tester_workers = [
+        mail.spawn_sender(),
+        mail.spawn_watcher(envs.clone(), cluster.clone()),
+        tokio::spawn(crate::reaper::run(
+            crate::reaper::EnvsTarget {
+                envs: envs.clone(),
+                mail: mail.clone(),
+            },
+            time::OffsetDateTime::now_utc,
+        )),
+    ];
     let state = Arc::new(AppState {
         envs: envs.clone(),
         engine: info,
         cluster: cluster.clone(),
+        mail,
     });
 
     // Reconcile worker: notices containers that stopped on their own and
@@ -148,6 +168,7 @@ pub async fn run(
         .await;
     reconcile.abort();
     publisher.abort();
+    tester_workers.iter().for_each(|w| w.abort());
     served.map_err(DaemonError::Serve)
 }
 

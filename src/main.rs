@@ -141,6 +141,24 @@ struct DaemonArgs {
     /// KEY=VALUE, repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// Reservation length when a request names none, e.g. `24h`.
+    #[arg(long)]
+    default_ttl: Option<String>,
+    /// Longest reservation, and how far ahead an extension may reach.
+    #[arg(long)]
+    max_ttl: Option<String>,
+    /// Mail the owner this long before expiry, e.g. `1h`.
+    #[arg(long)]
+    expiry_warning: Option<String>,
+    /// Mail server: smtp://host:port, smtp+starttls://…, smtps://…
+    #[arg(long)]
+    smtp: Option<String>,
+    /// Sender address of mails.
+    #[arg(long)]
+    mail_from: Option<String>,
+    /// Base URL of this node's web page, for links in mails.
+    #[arg(long)]
+    public_url: Option<String>,
 }
 
 impl DaemonArgs {
@@ -168,6 +186,12 @@ impl DaemonArgs {
             seeds: (!self.seeds.is_empty()).then(|| self.seeds.clone()),
             roles: (!self.roles.is_empty()).then(|| self.roles.clone()),
             labels,
+            default_ttl: self.default_ttl.clone(),
+            max_ttl: self.max_ttl.clone(),
+            expiry_warning: self.expiry_warning.clone(),
+            smtp: self.smtp.clone(),
+            mail_from: self.mail_from.clone(),
+            public_url: self.public_url.clone(),
         })
     }
 }

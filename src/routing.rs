@@ -356,6 +356,19 @@ impl Cluster {
         method: hyper::Method,
         id: &str,
     ) -> Option<Result<Forwarded, RouteError>> {
+        self.forward_env_call(method, id, "", None).await
+    }
+
+    /// Sends a call on environment `id` (`/v1/environments/{id}{suffix}`,
+    /// with an optional JSON body) to its owner. `None` when no node
+    /// gossips it.
+    pub async fn forward_env_call(
+        &self,
+        method: hyper::Method,
+        id: &str,
+        suffix: &str,
+        body: Option<Vec<u8>>,
+    ) -> Option<Result<Forwarded, RouteError>> {
         let (node, summary) = self.owner_of(id)?;
         if !node.alive || node.left {
             if method == hyper::Method::GET {
@@ -377,7 +390,7 @@ impl Cluster {
         let client = self.peer(&node)?;
         Some(
             client
-                .send_raw(method, &format!("/v1/environments/{id}"), None)
+                .send_raw(method, &format!("/v1/environments/{id}{suffix}"), body)
                 .await
                 .map(|(status, body)| Forwarded { status, body })
                 .map_err(|e| RouteError {
@@ -453,7 +466,7 @@ impl Cluster {
 /// An environment as gossip last described it, on a node that does not
 /// answer: status `lost`. Fields gossip does not carry are left empty
 /// (`created_at` is the epoch).
-fn lost_record(node: &str, s: &EnvSummary) -> EnvRecord {
+pub fn lost_record(node: &str, s: &EnvSummary) -> EnvRecord {
     EnvRecord {
         id: s.id.clone(),
         image: s
@@ -483,5 +496,6 @@ fn lost_record(node: &str, s: &EnvSummary) -> EnvRecord {
             .collect(),
         load: Default::default(),
         container: None,
+        expires_at: None,
     }
 }
