@@ -389,6 +389,16 @@ mod tests {
     }
 
     #[test]
+    fn journal_records_from_before_reservations_still_read() {
+        let old = r#"{"id":"e1","image":"demo:1","owner":"o","node":"n","status":"ready",
+            "memory":1,"aio":0,"created_at":"2025-01-01T00:00:00Z"}"#;
+        let rec: EnvRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.expires_at, None);
+        let back: EnvRecord = serde_json::from_str(&serde_json::to_string(&rec).unwrap()).unwrap();
+        assert_eq!(back, rec);
+    }
+
+    #[test]
     fn memory_and_aio_checks() {
         let image = Requirements {
             memory: Some(64 << 20),

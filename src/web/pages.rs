@@ -234,7 +234,7 @@ pub fn catalog(
 
 /// The steps of an environment's life, for the progress list.
 const STEPS: [(&str, &str); 4] = [
-    ("placing", "Placing"),
+    ("placing", "Placed"),
     ("loading", "Loading the image"),
     ("starting", "Starting"),
     ("ready", "Ready"),
@@ -728,6 +728,56 @@ mod tests {
             "{html}"
         );
         assert!(!html.contains("<progress"));
+    }
+
+    #[test]
+    fn dead_nodes_and_lost_envs_stand_out() {
+        use crate::cluster::{NodeFacts, NodeView};
+        let node = |name: &str, alive: bool| NodeView {
+            name: name.into(),
+            facts: Some(NodeFacts {
+                name: name.into(),
+                http_addr: format!("{name}:7070"),
+                ..Default::default()
+            }),
+            facts_error: None,
+            alive,
+            left: false,
+            is_self: name == "n1",
+            generation: 1,
+            gossip_addr: "127.0.0.1:7946".parse().unwrap(),
+            heartbeat: 1,
+            last_seen: None,
+        };
+        let view = ClusterView {
+            self_name: "n1".into(),
+            nodes: vec![node("n1", true), node("n2", false)],
+        };
+        let mut lost = rec(EnvStatus::Lost);
+        lost.node = "n2".into();
+        let mail = MailLine {
+            transport: "smtp://mail:25".into(),
+            pending: 2,
+            last_error: Some("connection refused".into()),
+        };
+        let html = cluster(&view, &[lost], &mail, datetime!(2025-01-01 0:00 UTC));
+        assert!(
+            html.contains("1 node(s) dead, 1 environment(s) lost"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<tr class=\"dead\"><td>n2</td><td><b>DEAD</b>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<tr><td>n1 <small>(this node)</small></td><td><b>alive</b>"),
+            "{html}"
+        );
+        assert!(html.contains("<tr class=\"lost\">"), "{html}");
+        assert!(
+            html.contains("queued: 2") && html.contains("connection refused"),
+            "{html}"
+        );
     }
 
     #[test]
