@@ -585,6 +585,64 @@ mod tests {
     }
 
     #[test]
+    fn lost_mail_comes_from_the_smallest_alive_node() {
+        use crate::cluster::keys::EnvSummary;
+        use crate::cluster::{NodeFacts, NodeView};
+        let node = |name: &str, alive: bool, left: bool, me: &str| NodeView {
+            name: name.into(),
+            facts: Some(NodeFacts {
+                name: name.into(),
+                envs: [(
+                    "e9".to_string(),
+                    EnvSummary {
+                        id: "e9".into(),
+                        image: "erp:1".into(),
+                        owner: "o@example.com".into(),
+                        status: "ready".into(),
+                        memory: 1,
+                        endpoints: vec!["h:1".into()],
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            }),
+            facts_error: None,
+            alive,
+            left,
+            is_self: name == me,
+            generation: 1,
+            gossip_addr: "127.0.0.1:1".parse().unwrap(),
+            heartbeat: 0,
+            last_seen: None,
+        };
+        let view = |me: &str, dead_left: bool| ClusterView {
+            self_name: me.into(),
+            nodes: vec![
+                node("a", false, dead_left, me),
+                node("b", true, false, me),
+                node("c", true, false, me),
+            ],
+        };
+        // "a" is dead: "b" is the smallest alive node and sends.
+        assert!(lost_sender(&view("b", false)));
+        assert!(!lost_sender(&view("c", false)));
+        let lost = lost_envs(&view("b", false));
+        assert_eq!(lost.len(), 1);
+        assert_eq!((lost[0].id.as_str(), lost[0].node.as_str()), ("e9", "a"));
+        assert_eq!(lost[0].status, EnvStatus::Lost);
+        // A clean leave is not a loss.
+        assert!(lost_envs(&view("b", true)).is_empty());
+        let (subject, body) = compose(
+            Event::Lost,
+            &lost[0],
+            "http://b:7070",
+            datetime!(2025-01-01 0:00 UTC),
+        );
+        assert!(subject.contains("node a is unreachable"), "{subject}");
+        assert!(body.contains("never moves or restarts"), "{body}");
+    }
+
+    #[test]
     fn addresses() {
         assert!(check_address("t@example.com").is_ok());
         assert!(check_address("Shoal <shoal@box1>").is_ok());
