@@ -736,6 +736,20 @@ async fn pages_work_without_javascript() -> Result<()> {
         page.contains(&format!("href=\"http://{}:{}/\"", ep.host, ep.host_port)),
         "{page}"
     );
+    // "My environments" lists it for its owner, and only for its owner.
+    let my = |owner: &str| {
+        let out = Command::new("curl")
+            .arg("-s")
+            .arg(format!("{}/my?owner={owner}", node.url))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(
+        my("NoJS%40example.com").contains(&format!("href=\"/envs/{id}\"")),
+        "listed, whatever the case of the address"
+    );
+    assert!(!my("other%40example.com").contains(&id));
     // A bad request re-shows the form with the reason, nothing created.
     let out = Command::new("curl")
         .args([
