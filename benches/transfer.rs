@@ -229,6 +229,18 @@ async fn run(prefix: &str, mib: u64, reps: usize) -> Result<()> {
         docker(&["rmi", "-f", &shoal_tag])?;
     }
 
+    // shoal's side alone: the load archive written to nowhere (decompress,
+    // hash, tar), to tell its cost from the engine's.
+    let mut t_produce = Vec::new();
+    for _ in 0..reps {
+        let st = store.clone();
+        let m = base_m.clone();
+        t_produce.push(secs(|| {
+            st.write_load_archive(&m, 0, "x:1", std::io::sink(), &mut |_| {})?;
+            Ok(())
+        })?);
+    }
+
     // Thin: the derived image with its base held, vs whole.
     let (mut t_thin, mut t_whole) = (Vec::new(), Vec::new());
     let derived_shoal_tag = derived_ref.docker_tag();
@@ -268,6 +280,11 @@ async fn run(prefix: &str, mib: u64, reps: usize) -> Result<()> {
     row("load: docker load (uncompressed tar)", best(&t_plain), size);
     row("load: lz4 -dc | docker load", best(&t_lz4), size);
     row("load: shoal", best(&t_shoal), size);
+    row(
+        "  of which shoal's archive alone (to /dev/null)",
+        best(&t_produce),
+        size,
+    );
     row(
         "thin load of derived: shoal, base held",
         best(&t_thin),

@@ -334,11 +334,20 @@ fn passthrough(f: Forwarded) -> Response {
     resp
 }
 
-async fn create_env(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+/// Reads an environment request: the raw body (to forward as is), the
+/// request, the image's manifest, and the request checked against it.
+async fn env_request(
+    s: &AppState,
     req: axum::extract::Request,
-) -> Result<Response, ApiError> {
+) -> Result<
+    (
+        Bytes,
+        EnvRequest,
+        crate::store::Manifest,
+        crate::model::EnvSpec,
+    ),
+    ApiError,
+> {
     let body = body_bytes(req).await?;
     let req: EnvRequest = parse_body(&body)?;
     let r = req.image_ref()?;
@@ -354,6 +363,15 @@ async fn create_env(
         s.envs.settings().max_ttl,
     )
     .map_err(|e| ApiError::from(EnvError::from(e)))?;
+    Ok((body, req, manifest, spec))
+}
+
+async fn create_env(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let (body, req, manifest, spec) = env_request(&s, req).await?;
     if !is_local(&headers) {
         return Ok(passthrough(
             s.cluster.create(&body, &req, spec, manifest).await?,
@@ -459,14 +477,7 @@ async fn placement(
     State(s): State<Arc<AppState>>,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(req).await?;
-    let req: EnvRequest = parse_body(&body)?;
-    let r = req.image_ref()?;
-    let store = s.envs.store().clone();
-    let manifest = tokio::task::spawn_blocking(move || store.get(&r))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    let spec = req.check(&manifest.requirements, s.envs.settings().default_memory)?;
+    let (_, req, manifest, spec) = env_request(&s, req).await?;
     let preq = crate::placement::PlacementRequest {
         memory: spec.memory,
         aio: spec.aio,

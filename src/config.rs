@@ -84,6 +84,14 @@ pub struct Config {
     pub roles: Option<Vec<String>>,
     /// Free-form labels (`memory = "256GB"`, `rack = "3"`).
     pub labels: Option<BTreeMap<String, String>>,
+    /// One gossip round every this often (`500ms`, `1s`). Default 500 ms.
+    pub gossip_interval: Option<String>,
+    /// Failure detector threshold (phi): higher waits longer before calling
+    /// a silent node dead. Default 8 (a killed node is seen dead in ~4-8 s).
+    pub phi_threshold: Option<u32>,
+    /// How long a dead node stays listed (as dead, its environments `lost`)
+    /// before it is forgotten. Default `1h`.
+    pub dead_node_grace: Option<String>,
     /// Reservation length of a request that names none. Default `24h`.
     pub default_ttl: Option<String>,
     /// Longest reservation, and how far ahead an extension may reach.
@@ -139,6 +147,9 @@ impl Config {
             seeds,
             roles,
             labels,
+            gossip_interval,
+            phi_threshold,
+            dead_node_grace,
             default_ttl,
             max_ttl,
             expiry_warning,
@@ -271,6 +282,18 @@ impl Config {
         let gossip = self
             .gossip
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7946)));
+        let gossip_interval = match &self.gossip_interval {
+            None => Duration::from_millis(500),
+            Some(s) => parse_gossip_interval(s).map_err(|e| field("gossip_interval", e))?,
+        };
+        let dead_node_grace = match &self.dead_node_grace {
+            None => Duration::from_secs(3600),
+            Some(s) => parse_duration(s).map_err(|e| field("dead_node_grace", e))?,
+        };
+        let phi_threshold = self.phi_threshold.unwrap_or(8);
+        if !(1..=100).contains(&phi_threshold) {
+            return Err(field("phi_threshold", "must be 1-100"));
+        }
         Ok(Settings {
             name,
             listen: self
@@ -290,6 +313,9 @@ impl Config {
             seeds: self.seeds.clone().unwrap_or_default(),
             roles,
             labels,
+            gossip_interval,
+            phi_threshold,
+            dead_node_grace,
             default_ttl,
             max_ttl,
             expiry_warning,
@@ -298,6 +324,22 @@ impl Config {
             public_url,
         })
     }
+}
+
+/// A gossip interval: a duration, or milliseconds with `ms` (`500ms`).
+fn parse_gossip_interval(s: &str) -> Result<Duration, String> {
+    let d = match s.trim().strip_suffix("ms") {
+        Some(ms) => Duration::from_millis(
+            ms.trim()
+                .parse()
+                .map_err(|_| format!("`{s}` is not a duration"))?,
+        ),
+        None => parse_duration(s).map_err(|e| e.to_string())?,
+    };
+    if d < Duration::from_millis(50) || d > Duration::from_secs(60) {
+        return Err("must be between 50ms and 60s".into());
+    }
+    Ok(d)
 }
 
 /// Checked configuration with every default filled in.
@@ -319,6 +361,9 @@ pub struct Settings {
     pub seeds: Vec<String>,
     pub roles: Vec<String>,
     pub labels: BTreeMap<String, String>,
+    pub gossip_interval: Duration,
+    pub phi_threshold: u32,
+    pub dead_node_grace: Duration,
     pub default_ttl: Duration,
     pub max_ttl: Duration,
     pub expiry_warning: Duration,
@@ -381,6 +426,9 @@ mod tests {
         assert!(err("name = \"a b\"").contains("`name`"));
         assert!(err("ready_timeout = \"soon\"").contains("`ready_timeout`"));
         assert!(err("colour = \"blue\"").contains("unknown field"));
+        assert!(err("phi_threshold = 0").contains("`phi_threshold`"));
+        assert!(err("gossip_interval = \"1ms\"").contains("`gossip_interval`"));
+        assert!(err("dead_node_grace = \"later\"").contains("`dead_node_grace`"));
         assert!(err("labels = { \"mémoire\" = \"1\" }").contains("`labels`"));
         assert!(err("default_ttl = \"100h\"").contains("`default_ttl`"));
         assert!(err("max_ttl = \"0s\"").contains("`max_ttl`"));

@@ -80,6 +80,24 @@ enum Cmd {
     Env { id: String },
     /// Delete an environment (stops and removes its container).
     Delete { id: String },
+    /// Every node this node knows, alive or dead, with its facts (the
+    /// seed's `fleetctl list-machines`).
+    Cluster {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where a request would be placed and why, placing nothing.
+    Placement {
+        /// `name:build`.
+        image: String,
+        #[arg(long)]
+        memory: Option<String>,
+        #[arg(long)]
+        aio: Option<u64>,
+        /// Node labels required, `KEY=VALUE`, repeatable.
+        #[arg(long = "constraint", value_name = "KEY=VALUE")]
+        constraints: Vec<String>,
+    },
     /// Show the node's facts and limits.
     Node {
         #[arg(long)]
@@ -141,6 +159,15 @@ struct DaemonArgs {
     /// KEY=VALUE, repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// One gossip round every this often, e.g. `500ms`.
+    #[arg(long)]
+    gossip_interval: Option<String>,
+    /// Failure detector threshold (phi); higher waits longer.
+    #[arg(long)]
+    phi_threshold: Option<u32>,
+    /// How long a dead node stays listed, e.g. `1h`.
+    #[arg(long)]
+    dead_node_grace: Option<String>,
     /// Reservation length when a request names none, e.g. `24h`.
     #[arg(long)]
     default_ttl: Option<String>,
@@ -186,6 +213,9 @@ impl DaemonArgs {
             seeds: (!self.seeds.is_empty()).then(|| self.seeds.clone()),
             roles: (!self.roles.is_empty()).then(|| self.roles.clone()),
             labels,
+            gossip_interval: self.gossip_interval.clone(),
+            phi_threshold: self.phi_threshold,
+            dead_node_grace: self.dead_node_grace.clone(),
             default_ttl: self.default_ttl.clone(),
             max_ttl: self.max_ttl.clone(),
             expiry_warning: self.expiry_warning.clone(),
@@ -370,6 +400,115 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
         Cmd::Delete { id } => {
             let rec: EnvRecord = client.delete(&format!("/v1/environments/{id}")).await?;
             println!("{} {}", rec.id, rec.status);
+        }
+        Cmd::Cluster { json } => {
+            let v: serde_json::Value = client.get("/v1/cluster").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let empty = vec![];
+            let rows = v["nodes"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|n| {
+                    let f = &n["facts"];
+                    let state = if n["left"] == true {
+                        "left"
+                    } else if n["alive"] != true {
+                        "DEAD"
+                    } else if f["draining"] == true {
+                        "draining"
+                    } else {
+                        "alive"
+                    };
+                    let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+                    let labels = f["labels"]
+                        .as_object()
+                        .map(|m| {
+                            m.iter()
+                                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default();
+                    let roles = f["roles"]
+                        .as_array()
+                        .map(|r| {
+                            r.iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default();
+                    vec![
+                        format!(
+                            "{}{}",
+                            n["name"].as_str().unwrap_or("?"),
+                            if n["is_self"] == true { "*" } else { "" }
+                        ),
+                        state.to_string(),
+                        f["http_addr"].as_str().unwrap_or("-").to_string(),
+                        if roles.is_empty() {
+                            "all".into()
+                        } else {
+                            roles
+                        },
+                        labels,
+                        format!(
+                            "{}/{}",
+                            format_size(num(&f["memory_committed"])),
+                            format_size(num(&f["memory_allocatable"]))
+                        ),
+                        format!("{}/{}", num(&f["aio_committed"]), num(&f["aio_max"])),
+                        format!("{}/{}", num(&f["env_count"]), num(&f["max_envs"])),
+                        f["layers"].as_array().map_or(0, |l| l.len()).to_string(),
+                        f["storage_driver"].as_str().unwrap_or("-").to_string(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "NODE", "STATE", "HTTP", "ROLES", "LABELS", "MEMORY", "AIO", "ENVS", "LAYERS",
+                    "DRIVER",
+                ],
+                rows,
+            );
+        }
+        Cmd::Placement {
+            image,
+            memory,
+            aio,
+            constraints,
+        } => {
+            let mut body = json!({"image": image, "owner": "placement@shoal"});
+            if let Some(m) = memory {
+                body["memory"] = json!(m);
+            }
+            if let Some(a) = aio {
+                body["aio"] = json!(a);
+            }
+            if !constraints.is_empty() {
+                body["constraints"] = json!(parse_kv(&constraints, "--constraint")?);
+            }
+            let v: serde_json::Value = client.post("/v1/placement", &body).await?;
+            let empty = vec![];
+            for (i, r) in v["ranked"].as_array().unwrap_or(&empty).iter().enumerate() {
+                println!(
+                    "{}. {}  {}",
+                    i + 1,
+                    r["node"].as_str().unwrap_or("?"),
+                    r["why"].as_str().unwrap_or("")
+                );
+            }
+            for r in v["rejected"].as_array().unwrap_or(&empty) {
+                println!(
+                    "-  {}  {}",
+                    r["node"].as_str().unwrap_or("?"),
+                    r["reason"].as_str().unwrap_or("")
+                );
+            }
         }
         Cmd::Node { json } => {
             let n: NodeInfo = client.get("/v1/node").await?;

@@ -90,6 +90,9 @@ impl Cluster {
         let mut cfg = GossipConfig::new(&settings.cluster_id, &settings.name, settings.gossip);
         cfg.advertise_addr = settings.advertise;
         cfg.seeds = settings.seeds.clone();
+        cfg.gossip_interval = settings.gossip_interval;
+        cfg.phi_threshold = settings.phi_threshold as f64;
+        cfg.dead_node_grace_period = settings.dead_node_grace;
         let roles = settings
             .roles
             .iter()
@@ -369,7 +372,9 @@ impl Cluster {
         suffix: &str,
         body: Option<Vec<u8>>,
     ) -> Option<Result<Forwarded, RouteError>> {
-        let (node, summary) = self.owner_of(id)?;
+        let Some((node, summary)) = self.owner_of(id) else {
+            return self.ask_everyone(method, id, suffix, body).await;
+        };
         if !node.alive || node.left {
             if method == hyper::Method::GET {
                 let rec = lost_record(&node.name, &summary);
@@ -399,6 +404,55 @@ impl Cluster {
                         "node {} owns environment {id} but did not answer: {e}",
                         node.name
                     ),
+                    reasons: Vec::new(),
+                }),
+        )
+    }
+
+    /// For an environment gossip does not show yet (created a moment ago
+    /// on another node): asks every live node, and the one that has it
+    /// answers.
+    async fn ask_everyone(
+        &self,
+        method: hyper::Method,
+        id: &str,
+        suffix: &str,
+        call_body: Option<Vec<u8>>,
+    ) -> Option<Result<Forwarded, RouteError>> {
+        let view = self.view();
+        let path = format!("/v1/environments/{id}");
+        let peers: Vec<Client> = view
+            .nodes
+            .iter()
+            .filter(|n| !n.is_self && n.alive && !n.left)
+            .filter_map(|n| self.peer(n))
+            .collect();
+        let asks = peers
+            .iter()
+            .map(|c| c.send_raw(hyper::Method::GET, &path, None));
+        let found = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .zip(&peers)
+            .find_map(|(r, c)| match r {
+                Ok((StatusCode::OK, body)) => Some((c.clone(), body)),
+                _ => None,
+            });
+        let (client, body) = found?;
+        if method == hyper::Method::GET && suffix.is_empty() {
+            return Some(Ok(Forwarded {
+                status: StatusCode::OK,
+                body,
+            }));
+        }
+        Some(
+            client
+                .send_raw(method, &format!("{path}{suffix}"), call_body)
+                .await
+                .map(|(status, body)| Forwarded { status, body })
+                .map_err(|e| RouteError {
+                    status: StatusCode::BAD_GATEWAY,
+                    error: format!("the node that owns environment {id} did not answer: {e}"),
                     reasons: Vec::new(),
                 }),
         )

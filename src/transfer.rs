@@ -52,7 +52,7 @@ pub async fn load(
     skip: usize,
     mut progress: Box<dyn FnMut(u64) + Send>,
 ) -> Result<LoadStats, TransferError> {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let store = store.clone();
     let manifest = m.clone();
     let tag = m.image_ref().docker_tag();

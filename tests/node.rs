@@ -585,3 +585,46 @@ async fn bad_input_is_refused_with_the_field_named() -> Result<()> {
     assert!(engine.env_containers(&name).await?.is_empty());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_that_is_not_ready_in_time_fails_and_is_removed() -> Result<()> {
+    let engine = Engine::connect().await?;
+    let tmp = tempfile::tempdir()?;
+    let name = unique("n");
+    let mut cleanup = Cleanup::new();
+    cleanup.nodes.push(name.clone());
+    let node = Node::start(
+        &name,
+        &tmp.path().join("node"),
+        &tmp.path().join("store"),
+        &["--ready-timeout", "3s"],
+    )
+    .await?;
+    let r = format!("{}-slow:1", unique("t"));
+    let img = DemoImage {
+        healthcheck: false,
+        extra_files: vec![("/marker".into(), random_bytes(1024))],
+        ..Default::default()
+    };
+    publish_one(&node, &engine, &r, &img, &mut cleanup).await?;
+    // The server binds its port only after 600 s: never ready in time.
+    let (code, body) = node
+        .request_env(
+            json!({"image": r, "owner": "a@example.com", "env": {"DEMO_START_DELAY": "600"}}),
+        )
+        .await?;
+    assert_eq!(code, 202, "{body}");
+    let rec = node.wait_settled(body["id"].as_str().unwrap()).await?;
+    assert_eq!(rec.status.as_str(), "failed");
+    assert!(
+        rec.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("not ready within 3s"),
+        "{rec:?}"
+    );
+    assert!(engine.env_containers(&name).await?.is_empty());
+    let info: Value = node.client.get("/v1/node").await?;
+    assert_eq!(info["env_count"], 0);
+    Ok(())
+}

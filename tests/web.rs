@@ -477,15 +477,22 @@ async fn event_stream_from_the_owner_and_from_another_node() -> Result<()> {
 
     // The owner's stream, and A's relay of it, both read with curl -N.
     let (mut c_b, rx_b) = curl_stream(&format!("{}/v1/environments/{id}/events", b.url))?;
-    // Wait until A's gossip knows where the environment is.
+    // At once (A may not see it in gossip yet: it asks the other nodes),
+    // and again once gossip shows where it is.
+    let (mut c_a0, rx_a0) = curl_stream(&format!("{}/v1/environments/{id}/events", a.url))?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while raw(&a.client, "GET", &format!("/v1/environments/{id}"), None)
-        .await?
-        .0
-        != 200
-    {
+    loop {
+        let v: Value = a.client.get("/v1/cluster").await?;
+        let known = v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["name"] == b_name.as_str() && n["facts"]["envs"][&id].is_object());
+        if known {
+            break;
+        }
         if Instant::now() > deadline {
-            bail!("A never learnt of {id}");
+            bail!("A's gossip never showed {id}: {v}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -493,6 +500,8 @@ async fn event_stream_from_the_owner_and_from_another_node() -> Result<()> {
     let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
     let ready_b = read_until(&rx_b, "ready", &mut seen_b)?;
     let ready_a = read_until(&rx_a, "ready", &mut seen_a)?;
+    let mut seen_a0 = Vec::new();
+    assert_eq!(read_until(&rx_a0, "ready", &mut seen_a0)?, ready_b);
     for seen in [&seen_a, &seen_b] {
         assert!(
             seen.iter().any(|l| l
@@ -511,7 +520,8 @@ async fn event_stream_from_the_owner_and_from_another_node() -> Result<()> {
     assert_eq!(code, 200);
     read_until(&rx_a, "deleted", &mut seen_a)?;
     read_until(&rx_b, "deleted", &mut seen_b)?;
-    for c in [&mut c_a, &mut c_b] {
+    read_until(&rx_a0, "deleted", &mut seen_a0)?;
+    for c in [&mut c_a, &mut c_b, &mut c_a0] {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(st) = c.try_wait()? {

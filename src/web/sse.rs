@@ -56,6 +56,9 @@ pub async fn events(
             if let Some(addr) = node.facts.as_ref().map(|f| f.http_addr.clone()) {
                 return relay(&addr, &id).await;
             }
+        } else if let Some(addr) = ask_peers(&s, &id).await {
+            // Just created: gossip does not show it yet.
+            return relay(&addr, &id).await;
         }
     }
     Err(ApiError::field(
@@ -63,6 +66,36 @@ pub async fn events(
         "id",
         format!("environment {id} not found"),
     ))
+}
+
+/// The address of the alive peer that has environment `id`, asked
+/// directly (for an environment too new for gossip to show).
+async fn ask_peers(s: &AppState, id: &str) -> Option<String> {
+    let view = s.cluster.view();
+    let path = format!("/v1/environments/{id}");
+    let addrs: Vec<String> = view
+        .nodes
+        .iter()
+        .filter(|n| !n.is_self && n.alive && !n.left)
+        .filter_map(|n| Some(n.facts.as_ref()?.http_addr.clone()))
+        .collect();
+    let asks = addrs.iter().map(|a| {
+        let path = path.clone();
+        async move {
+            let c = crate::client::Client::new(&format!("http://{a}"), RELAY_CONNECT)
+                .ok()?
+                .with_header(LOCAL_HEADER, "1");
+            match c.send_raw(hyper::Method::GET, &path, None).await {
+                Ok((StatusCode::OK, _)) => Some(a.clone()),
+                _ => None,
+            }
+        }
+    });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .next()
 }
 
 /// The stream of a local environment: the record on every change, then a
