@@ -64,6 +64,8 @@ impl SmtpSink {
             let mut buf = [0u8; 16];
             let n = out.read(&mut buf).unwrap_or(0);
             let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+            // Keep the pipe open (and drained) for the sink's whole life.
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
         });
         let sink = SmtpSink {
             port,
