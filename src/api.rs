@@ -16,6 +16,9 @@
 //! - `POST /v1/placement`             where a request would go, and why
 //! - `GET  /v1/builds`                every build the build nodes know
 //! - `GET  /v1/builds/{product}/{build}/log`  a build's log (text)
+//! - `POST /v1/environments/{id}/extend` push its expiry back (`{"by": "4h"}`)
+//! - `GET  /v1/environments/{id}/events` server-sent events (`web/sse.rs`)
+//! - the web page at `/` (`web/`)
 //!
 //! Environment calls reach the whole cluster: a request is placed on the
 //! best node, a read or delete goes to the owner (`routing.rs`). A call with
@@ -47,6 +50,7 @@ pub struct AppState {
     pub engine: EngineInfo,
     pub cluster: Arc<Cluster>,
     pub builds: Arc<crate::builds::Builds>,
+    pub mail: Arc<crate::mail::Mailer>,
 }
 
 /// An error answer: status plus the JSON body.
@@ -123,6 +127,16 @@ impl From<EnvError> for ApiError {
                 a
             }
             EnvError::Store(s) => s.into(),
+            EnvError::Reservation(ref r) => {
+                use crate::reaper::ReservationError as R;
+                match r {
+                    R::TooLong { .. } => {
+                        ApiError::field(StatusCode::BAD_REQUEST, "ttl", e.to_string())
+                    }
+                    R::PastMax { .. } => ApiError::field(StatusCode::CONFLICT, "by", e.to_string()),
+                    R::Zero => ApiError::field(StatusCode::BAD_REQUEST, "by", e.to_string()),
+                }
+            }
             EnvError::Docker(_) => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
             _ => {
                 warn!(error = %e, "environment error");
@@ -172,6 +186,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Build watcher (builds/).
         .route("/v1/builds", get(list_builds))
         .route("/v1/builds/{product}/{build}/log", get(build_log))
+        .route(
+            "/v1/environments/{id}/extend",
+            axum::routing::post(extend_env),
+        )
+        .merge(crate::web::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -343,6 +362,13 @@ async fn env_request(
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let spec = req.check(&manifest.requirements, s.envs.settings().default_memory)?;
+    crate::reaper::initial_expiry(
+        time::OffsetDateTime::now_utc(),
+        spec.ttl,
+        s.envs.settings().default_ttl,
+        s.envs.settings().max_ttl,
+    )
+    .map_err(|e| ApiError::from(EnvError::from(e)))?;
     Ok((body, req, manifest, spec))
 }
 
@@ -418,6 +444,34 @@ async fn delete_env(
     }
     let rec = s.envs.delete(&id).await?;
     Ok(Json(rec).into_response())
+}
+
+/// `POST /v1/environments/{id}/extend`, on the owner.
+async fn extend_env(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(req).await?;
+    if s.envs.get(&id).is_none() && !is_local(&headers) {
+        if let Some(f) = s
+            .cluster
+            .forward_env_call(hyper::Method::POST, &id, "/extend", Some(body.to_vec()))
+            .await
+        {
+            return Ok(passthrough(f?));
+        }
+    }
+    extend_local(&s.envs, &id, &body)
+}
+
+/// Extends an environment of this node by the request's `by`.
+pub fn extend_local(envs: &Envs, id: &str, body: &[u8]) -> Result<Response, ApiError> {
+    let req: crate::model::ExtendRequest = parse_body(body)?;
+    let by = crate::units::parse_duration(&req.by)
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "by", e.to_string()))?;
+    Ok(Json(envs.extend(id, by)?).into_response())
 }
 
 async fn cluster(State(s): State<Arc<AppState>>) -> impl IntoResponse {

@@ -116,6 +116,23 @@ pub struct Config {
     /// How often this node removes `shoal/*` images that are no longer
     /// published and that none of its environments use. Default `5m`.
     pub image_gc_interval: Option<String>,
+    /// Reservation length of a request that names none. Default `24h`.
+    pub default_ttl: Option<String>,
+    /// Longest reservation, and how far ahead an extension may reach.
+    /// Default `99h`.
+    pub max_ttl: Option<String>,
+    /// How long before expiry the owner is warned by mail. Default `1h`.
+    pub expiry_warning: Option<String>,
+    /// Mail server: `smtp://host:port` (plain), `smtp+starttls://host:port`,
+    /// `smtps://host:port` (implicit TLS); `user:password@` optional.
+    /// Default: none (mails are logged, not sent).
+    pub smtp: Option<String>,
+    /// Sender address of mails. Default `shoal@<host name>`.
+    pub mail_from: Option<String>,
+    /// Base URL of this node's web page, used in mail links. Default
+    /// `http://<listen address>` (the advertised host when listening on
+    /// all addresses).
+    pub public_url: Option<String>,
 }
 
 impl Config {
@@ -165,7 +182,13 @@ impl Config {
             build_concurrency,
             build_timeout,
             prune_grace,
-            image_gc_interval
+            image_gc_interval,
+            default_ttl,
+            max_ttl,
+            expiry_warning,
+            smtp,
+            mail_from,
+            public_url
         );
         self
     }
@@ -250,6 +273,45 @@ impl Config {
                 ));
             }
         }
+        let duration =
+            |f: &'static str, v: &Option<String>, default: u64| -> Result<Duration, ConfigError> {
+                match v {
+                    None => Ok(Duration::from_secs(default)),
+                    Some(s) => match parse_duration(s) {
+                        Ok(d) if d.is_zero() => Err(field(f, "must be longer than 0s")),
+                        Ok(d) => Ok(d),
+                        Err(e) => Err(field(f, e)),
+                    },
+                }
+            };
+        let max_ttl = duration("max_ttl", &self.max_ttl, 99 * 3600)?;
+        let default_ttl = duration("default_ttl", &self.default_ttl, 24 * 3600)?;
+        if default_ttl > max_ttl {
+            return Err(field("default_ttl", "is longer than max_ttl"));
+        }
+        let expiry_warning = duration("expiry_warning", &self.expiry_warning, 3600)?;
+        let smtp = match &self.smtp {
+            None => None,
+            Some(u) => Some(crate::mail::SmtpUrl::parse(u).map_err(|e| field("smtp", e))?),
+        };
+        let mail_from = self
+            .mail_from
+            .clone()
+            .unwrap_or_else(|| format!("shoal@{hostname}"));
+        crate::mail::check_address(&mail_from).map_err(|e| field("mail_from", e))?;
+        let public_url = match &self.public_url {
+            None => None,
+            Some(u) => {
+                let u = u.trim().trim_end_matches('/');
+                let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                    && !u.contains(char::is_whitespace)
+                    && u.split("://").nth(1).is_some_and(|h| !h.is_empty());
+                if !ok {
+                    return Err(field("public_url", format!("`{u}` is not an http(s) URL")));
+                }
+                Some(u.to_string())
+            }
+        };
         let gossip = self
             .gossip
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7946)));
@@ -289,6 +351,12 @@ impl Config {
             phi_threshold,
             dead_node_grace,
             builds,
+            default_ttl,
+            max_ttl,
+            expiry_warning,
+            smtp,
+            mail_from,
+            public_url,
         })
     }
 
@@ -396,6 +464,13 @@ pub struct Settings {
     pub phi_threshold: u32,
     pub dead_node_grace: Duration,
     pub builds: BuildSettings,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub expiry_warning: Duration,
+    pub smtp: Option<crate::mail::SmtpUrl>,
+    pub mail_from: String,
+    /// Without a trailing `/`; `None`: derived from the bound address.
+    pub public_url: Option<String>,
 }
 
 #[cfg(test)]
@@ -414,6 +489,11 @@ mod tests {
         assert_eq!(s.max_envs, 8);
         assert_eq!(s.advertise_host, "127.0.0.1");
         assert_eq!(s.roles.len(), 4);
+        assert_eq!(s.default_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(s.max_ttl, Duration::from_secs(99 * 3600));
+        assert_eq!(s.expiry_warning, Duration::from_secs(3600));
+        assert_eq!(s.smtp, None);
+        assert_eq!(s.mail_from, "shoal@box1");
     }
 
     #[test]
@@ -454,6 +534,12 @@ mod tests {
         assert!(err("build_marker = \"a/b\"").contains("`build_marker`"));
         assert!(err("build_timeout = \"0s\"").contains("`build_timeout`"));
         assert!(err("build_concurrency = 0").contains("`build_concurrency`"));
+        assert!(err("default_ttl = \"100h\"").contains("`default_ttl`"));
+        assert!(err("max_ttl = \"0s\"").contains("`max_ttl`"));
+        assert!(err("expiry_warning = \"later\"").contains("`expiry_warning`"));
+        assert!(err("smtp = \"http://mail\"").contains("`smtp`"));
+        assert!(err("mail_from = \"nobody\"").contains("`mail_from`"));
+        assert!(err("public_url = \"ftp://x\"").contains("`public_url`"));
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub enum DaemonError {
     Demo(String),
     #[error(transparent)]
     Builds(#[from] crate::builds::BuildError),
+    #[error(transparent)]
+    Mail(#[from] crate::mail::MailError),
 }
 
 /// Options that are about this run, not the node's configuration.
@@ -90,7 +92,7 @@ pub async fn run(
     let cluster = Cluster::start(
         &settings,
         envs.clone(),
-        http_addr,
+        http_addr.clone(),
         info.storage_driver.clone(),
     )
     .await?;
@@ -98,11 +100,29 @@ pub async fn run(
     // Build watcher (role build) and image GC (every node).
     let builds = crate::builds::Builds::open(envs.clone())?;
     let build_workers = builds.spawn(cluster.clone());
+    // Testers' workers: mail (watcher + outbox) and the reservation reaper.
+    let public_url = settings
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{http_addr}"));
+    let mail = crate::mail::Mailer::new(&settings, public_url)?;
+    let tester_workers = [
+        mail.spawn_sender(),
+        mail.spawn_watcher(envs.clone(), cluster.clone()),
+        tokio::spawn(crate::reaper::run(
+            crate::reaper::EnvsTarget {
+                envs: envs.clone(),
+                mail: mail.clone(),
+            },
+            time::OffsetDateTime::now_utc,
+        )),
+    ];
     let state = Arc::new(AppState {
         envs: envs.clone(),
         engine: info,
         cluster: cluster.clone(),
         builds,
+        mail,
     });
 
     // Reconcile worker: notices containers that stopped on their own and
@@ -155,6 +175,7 @@ pub async fn run(
     reconcile.abort();
     publisher.abort();
     build_workers.iter().for_each(|t| t.abort());
+    tester_workers.iter().for_each(|w| w.abort());
     served.map_err(DaemonError::Serve)
 }
 

@@ -30,6 +30,8 @@ pub mod labels {
     pub const MEMORY: &str = "shoal.env.memory";
     pub const AIO: &str = "shoal.env.aio";
     pub const CREATED_AT: &str = "shoal.env.created_at";
+    /// The expiry the environment was created with (RFC 3339).
+    pub const EXPIRES_AT: &str = "shoal.env.expires_at";
 }
 
 #[derive(Debug, thiserror::Error)]

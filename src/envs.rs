@@ -50,6 +50,8 @@ pub enum EnvError {
     Draining(String),
     #[error("host facts: {0}")]
     Host(#[from] crate::host::HostError),
+    #[error(transparent)]
+    Reservation(#[from] crate::reaper::ReservationError),
     #[error("journal {path}: {source}")]
     Journal {
         path: PathBuf,
@@ -83,6 +85,10 @@ pub struct Envs {
     /// Woken on every change of a record or reservation, so the gossip
     /// publisher can tell the cluster at once.
     changed: tokio::sync::Notify,
+    /// Bumped with `changed` and on load progress too: a watch, so any
+    /// number of readers (event streams, the reaper, the mail watcher) see
+    /// every change without taking the publisher's single wake-up.
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 fn new_id() -> String {
@@ -121,6 +127,7 @@ impl Envs {
             last_load_bps: Mutex::new(None),
             draining: Default::default(),
             changed: Default::default(),
+            version: tokio::sync::watch::channel(0).0,
         });
         let mut journal = envs.read_journal();
         let mut watch = Vec::new();
@@ -184,7 +191,12 @@ impl Envs {
     }
 
     /// Takes a recovered record into state (and its room into the ledger).
-    fn adopt(&self, rec: EnvRecord) {
+    /// A record from before reservations existed gets a fresh default
+    /// reservation from now, so an upgrade never reaps at once.
+    fn adopt(&self, mut rec: EnvRecord) {
+        if rec.expires_at.is_none() {
+            rec.expires_at = Some(now_s() + self.settings.default_ttl);
+        }
         let mut st = self.state.lock().unwrap();
         if rec.status.holds_room() {
             st.ledger.restore(
@@ -234,7 +246,7 @@ impl Envs {
     pub fn set_draining(&self) {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.changed.notify_one();
+        self.notify();
     }
 
     pub fn is_draining(&self) -> bool {
@@ -244,6 +256,18 @@ impl Envs {
     /// Completes after the next change of any record or reservation.
     pub fn changed(&self) -> &tokio::sync::Notify {
         &self.changed
+    }
+
+    /// A receiver that sees every change of a record (load progress
+    /// included); many may watch at once.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Tells the publisher and every watcher that something changed.
+    fn notify(&self) {
+        self.changed.notify_one();
+        self.version.send_modify(|v| *v += 1);
     }
 
     /// Environments still on their way to ready (pending, loading, starting).
@@ -276,6 +300,13 @@ impl Envs {
         }
         let cap = self.capacity()?;
         let id = new_id();
+        let created_at = now_s();
+        let expires_at = crate::reaper::initial_expiry(
+            created_at,
+            spec.ttl,
+            self.settings.default_ttl,
+            self.settings.max_ttl,
+        )?;
         let rec = EnvRecord {
             id: id.clone(),
             image: spec.image.clone(),
@@ -286,9 +317,7 @@ impl Envs {
             memory: spec.memory,
             aio: spec.aio,
             env: spec.env.clone(),
-            created_at: OffsetDateTime::now_utc()
-                .replace_nanosecond(0)
-                .unwrap_or(OffsetDateTime::now_utc()),
+            created_at,
             ready_at: None,
             endpoints: Vec::new(),
             load: LoadProgress {
@@ -296,6 +325,7 @@ impl Envs {
                 ..Default::default()
             },
             container: None,
+            expires_at: Some(expires_at),
         };
         {
             let mut st = self.state.lock().unwrap();
@@ -307,7 +337,7 @@ impl Envs {
                 })?;
             st.envs.insert(id.clone(), rec.clone());
         }
-        self.changed.notify_one();
+        self.notify();
         if let Err(e) = self.write_journal(&rec) {
             let mut st = self.state.lock().unwrap();
             st.ledger.release(&id);
@@ -335,6 +365,31 @@ impl Envs {
 
     pub fn get(&self, id: &str) -> Option<EnvRecord> {
         self.state.lock().unwrap().envs.get(id).cloned()
+    }
+
+    /// Pushes an environment's expiry back by `by`, never past `max_ttl`
+    /// from now (the refusal names the limit). Journaled before it returns.
+    pub fn extend(&self, id: &str, by: Duration) -> Result<EnvRecord, EnvError> {
+        let rec = {
+            let mut st = self.state.lock().unwrap();
+            let rec = st
+                .envs
+                .get_mut(id)
+                .ok_or_else(|| EnvError::NotFound(id.to_string()))?;
+            let now = now_s();
+            let current = rec.expires_at.unwrap_or(now);
+            rec.expires_at = Some(crate::reaper::extend(
+                current,
+                by,
+                now,
+                self.settings.max_ttl,
+            )?);
+            rec.clone()
+        };
+        self.write_journal(&rec)?;
+        self.notify();
+        info!(env = %id, owner = %rec.owner, by = %crate::units::format_duration(by), expires_at = ?rec.expires_at, "reservation extended");
+        Ok(rec)
     }
 
     /// Deletes an environment: stops its task (a load stops halfway), removes
@@ -370,7 +425,7 @@ impl Envs {
             }
         }
         rec.status = EnvStatus::Deleted;
-        self.changed.notify_one();
+        self.notify();
         info!(env = %id, "environment deleted");
         Ok(rec)
     }
@@ -483,7 +538,7 @@ impl Envs {
         let mut env = rec.env.clone();
         env.insert("SHOAL_ENV_ID".into(), id.to_string());
         env.insert("SHOAL_IMAGE".into(), rec.image.to_string());
-        let lbl = HashMap::from([
+        let mut lbl = HashMap::from([
             (labels::NODE.to_string(), self.settings.name.clone()),
             (labels::ENV_ID.to_string(), id.to_string()),
             (labels::OWNER.to_string(), rec.owner.clone()),
@@ -497,6 +552,15 @@ impl Envs {
                     .unwrap_or_default(),
             ),
         ]);
+        // The first expiry, so a node that lost its journal still reaps
+        // the environment (extensions live in the journal only).
+        if let Some(exp) = rec.expires_at {
+            lbl.insert(
+                labels::EXPIRES_AT.to_string(),
+                exp.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            );
+        }
         let spec = ContainerSpec {
             name: container_name(id),
             image: m.image_ref().docker_tag(),
@@ -629,7 +693,7 @@ impl Envs {
             st.ledger.release(id);
         }
         drop(st);
-        self.changed.notify_one();
+        self.notify();
         if let Err(e) = self.write_journal(&rec) {
             warn!(env = %id, error = %e, "journal write failed");
         }
@@ -648,7 +712,7 @@ impl Envs {
             (rec.status != before || rec.container.is_some()).then(|| rec.clone())
         };
         if let Some(rec) = rec {
-            self.changed.notify_one();
+            self.notify();
             if let Err(e) = self.write_journal(&rec) {
                 warn!(env = %id, error = %e, "journal write failed");
             }
@@ -690,6 +754,12 @@ impl Envs {
         }
         out
     }
+}
+
+/// Now, to the second (records carry whole seconds).
+fn now_s() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(0).unwrap_or(now)
 }
 
 /// Writes a file so that a crash leaves the old or the new content.
@@ -738,6 +808,9 @@ fn record_from_labels(l: &HashMap<String, String>, node: &str) -> Option<EnvReco
         endpoints: Vec::new(),
         load: LoadProgress::default(),
         container: None,
+        expires_at: l.get(labels::EXPIRES_AT).and_then(|s| {
+            OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+        }),
     })
 }
 
@@ -767,6 +840,9 @@ impl ProgressSink {
             if let Some(r) = st.envs.get_mut(&self.id) {
                 r.load.bytes_done = done;
             }
+            drop(st);
+            // Watchers only: progress is not worth a gossip round or an fsync.
+            envs.version.send_modify(|v| *v += 1);
         }
     }
 }

@@ -203,6 +203,24 @@ struct DaemonArgs {
     /// How often unpublished `shoal/*` images are removed from the engine.
     #[arg(long)]
     image_gc_interval: Option<String>,
+    /// Reservation length when a request names none, e.g. `24h`.
+    #[arg(long)]
+    default_ttl: Option<String>,
+    /// Longest reservation, and how far ahead an extension may reach.
+    #[arg(long)]
+    max_ttl: Option<String>,
+    /// Mail the owner this long before expiry, e.g. `1h`.
+    #[arg(long)]
+    expiry_warning: Option<String>,
+    /// Mail server: smtp://host:port, smtp+starttls://…, smtps://…
+    #[arg(long)]
+    smtp: Option<String>,
+    /// Sender address of mails.
+    #[arg(long)]
+    mail_from: Option<String>,
+    /// Base URL of this node's web page, for links in mails.
+    #[arg(long)]
+    public_url: Option<String>,
 }
 
 impl DaemonArgs {
@@ -242,6 +260,12 @@ impl DaemonArgs {
             build_timeout: self.build_timeout.clone(),
             prune_grace: self.prune_grace.clone(),
             image_gc_interval: self.image_gc_interval.clone(),
+            default_ttl: self.default_ttl.clone(),
+            max_ttl: self.max_ttl.clone(),
+            expiry_warning: self.expiry_warning.clone(),
+            smtp: self.smtp.clone(),
+            mail_from: self.mail_from.clone(),
+            public_url: self.public_url.clone(),
         })
     }
 }

@@ -114,6 +114,12 @@ pub struct EnvRecord {
     pub load: LoadProgress,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// When the reservation ends and the owning node's reaper deletes it.
+    /// Set on every environment a node creates; `None` only in journal
+    /// files written before reservations existed (filled in on recovery)
+    /// and in `lost` records rebuilt from gossip.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// `POST /v1/environments`, as sent. Checked into an [`EnvSpec`].
@@ -132,6 +138,18 @@ pub struct EnvRequest {
     /// Node labels the environment's node must have (`{"memory": "256GB"}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraints: Option<BTreeMap<String, String>>,
+    /// Reservation length (`"8h"`); the node's `default_ttl` when absent,
+    /// never more than its `max_ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// `POST /v1/environments/{id}/extend`: push the expiry back by `by`
+/// (`"4h"`), never past `max_ttl` from now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendRequest {
+    pub by: String,
 }
 
 /// A request that failed a check: the message and the field it names.
@@ -159,6 +177,8 @@ pub struct EnvSpec {
     pub memory: u64,
     pub aio: u64,
     pub env: BTreeMap<String, String>,
+    /// Reservation length asked for; `None`: the node's default.
+    pub ttl: Option<std::time::Duration>,
 }
 
 impl EnvRequest {
@@ -236,12 +256,24 @@ impl EnvRequest {
                 ));
             }
         }
+        let ttl = match &self.ttl {
+            None => None,
+            Some(s) => {
+                let d = crate::units::parse_duration(s)
+                    .map_err(|e| FieldError::new("ttl", e.to_string()))?;
+                if d.is_zero() {
+                    return Err(FieldError::new("ttl", "must be longer than 0s"));
+                }
+                Some(d)
+            }
+        };
         Ok(EnvSpec {
             image,
             owner: owner.to_string(),
             memory,
             aio,
             env,
+            ttl,
         })
     }
 }
@@ -352,7 +384,18 @@ mod tests {
             aio,
             env: None,
             constraints: None,
+            ttl: None,
         }
+    }
+
+    #[test]
+    fn journal_records_from_before_reservations_still_read() {
+        let old = r#"{"id":"e1","image":"demo:1","owner":"o","node":"n","status":"ready",
+            "memory":1,"aio":0,"created_at":"2025-01-01T00:00:00Z"}"#;
+        let rec: EnvRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.expires_at, None);
+        let back: EnvRecord = serde_json::from_str(&serde_json::to_string(&rec).unwrap()).unwrap();
+        assert_eq!(back, rec);
     }
 
     #[test]
@@ -381,6 +424,14 @@ mod tests {
         let mut r = req(None, None);
         r.env = Some(BTreeMap::from([("1X".into(), "v".into())]));
         assert_eq!(bad(r), "env.1X");
+        let mut r = req(None, None);
+        r.ttl = Some("8h".into());
+        assert_eq!(ok(r).ttl, Some(std::time::Duration::from_secs(8 * 3600)));
+        for t in ["soon", "0s", ""] {
+            let mut r = req(None, None);
+            r.ttl = Some(t.into());
+            assert_eq!(bad(r), "ttl", "{t}");
+        }
         // No memory label: the node's default applies.
         let none = Requirements::default();
         assert_eq!(

@@ -359,8 +359,21 @@ impl Cluster {
         method: hyper::Method,
         id: &str,
     ) -> Option<Result<Forwarded, RouteError>> {
+        self.forward_env_call(method, id, "", None).await
+    }
+
+    /// Sends a call on environment `id` (`/v1/environments/{id}{suffix}`,
+    /// with an optional JSON body) to its owner. `None` when no node
+    /// gossips it.
+    pub async fn forward_env_call(
+        &self,
+        method: hyper::Method,
+        id: &str,
+        suffix: &str,
+        body: Option<Vec<u8>>,
+    ) -> Option<Result<Forwarded, RouteError>> {
         let Some((node, summary)) = self.owner_of(id) else {
-            return self.ask_everyone(method, id).await;
+            return self.ask_everyone(method, id, suffix, body).await;
         };
         if !node.alive || node.left {
             if method == hyper::Method::GET {
@@ -382,7 +395,7 @@ impl Cluster {
         let client = self.peer(&node)?;
         Some(
             client
-                .send_raw(method, &format!("/v1/environments/{id}"), None)
+                .send_raw(method, &format!("/v1/environments/{id}{suffix}"), body)
                 .await
                 .map(|(status, body)| Forwarded { status, body })
                 .map_err(|e| RouteError {
@@ -403,6 +416,8 @@ impl Cluster {
         &self,
         method: hyper::Method,
         id: &str,
+        suffix: &str,
+        call_body: Option<Vec<u8>>,
     ) -> Option<Result<Forwarded, RouteError>> {
         let view = self.view();
         let path = format!("/v1/environments/{id}");
@@ -424,7 +439,7 @@ impl Cluster {
                 _ => None,
             });
         let (client, body) = found?;
-        if method == hyper::Method::GET {
+        if method == hyper::Method::GET && suffix.is_empty() {
             return Some(Ok(Forwarded {
                 status: StatusCode::OK,
                 body,
@@ -432,7 +447,7 @@ impl Cluster {
         }
         Some(
             client
-                .send_raw(method, &path, None)
+                .send_raw(method, &format!("{path}{suffix}"), call_body)
                 .await
                 .map(|(status, body)| Forwarded { status, body })
                 .map_err(|e| RouteError {
@@ -505,7 +520,7 @@ impl Cluster {
 /// An environment as gossip last described it, on a node that does not
 /// answer: status `lost`. Fields gossip does not carry are left empty
 /// (`created_at` is the epoch).
-fn lost_record(node: &str, s: &EnvSummary) -> EnvRecord {
+pub fn lost_record(node: &str, s: &EnvSummary) -> EnvRecord {
     EnvRecord {
         id: s.id.clone(),
         image: s
@@ -535,5 +550,6 @@ fn lost_record(node: &str, s: &EnvSummary) -> EnvRecord {
             .collect(),
         load: Default::default(),
         container: None,
+        expires_at: None,
     }
 }

@@ -317,3 +317,5 @@ pub async fn http_get(host: &str, port: u16, path: &str) -> Result<String> {
     tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
     Ok(out)
 }
+pub mod browser;
+pub mod smtp;

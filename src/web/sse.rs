@@ -1,0 +1,172 @@
+//! `GET /v1/environments/{id}/events`: server-sent events, one per change
+//! of the environment, each the JSON record (load progress included). The
+//! stream starts with the current record and ends after the environment is
+//! deleted (a last record with status `deleted`). `curl -N` shows it.
+//!
+//! Any node answers: the owner streams from its own records; another node
+//! relays the owner's stream byte for byte (a node-to-node call with the
+//! local header); for an owner the cluster calls dead it sends the `lost`
+//! record once and ends.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use tracing::warn;
+
+use crate::api::{ApiError, AppState};
+use crate::envs::Envs;
+use crate::model::{EnvRecord, EnvStatus};
+use crate::routing::LOCAL_HEADER;
+
+/// How long the owner may take to start answering a relayed stream.
+const RELAY_CONNECT: Duration = Duration::from_secs(5);
+
+fn event(rec: &EnvRecord) -> Event {
+    Event::default()
+        .event(rec.status.as_str())
+        .data(serde_json::to_string(rec).expect("records serialize"))
+}
+
+pub async fn events(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if s.envs.get(&id).is_some() {
+        return Ok(local(s.envs.clone(), id));
+    }
+    if !headers.contains_key(LOCAL_HEADER) {
+        if let Some((node, summary)) = s.cluster.owner_of(&id) {
+            if !node.alive || node.left {
+                let rec = crate::routing::lost_record(&node.name, &summary);
+                let once = futures::stream::iter([Ok::<_, Infallible>(event(&rec))]);
+                return Ok(Sse::new(once).into_response());
+            }
+            if let Some(addr) = node.facts.as_ref().map(|f| f.http_addr.clone()) {
+                return relay(&addr, &id).await;
+            }
+        } else if let Some(addr) = ask_peers(&s, &id).await {
+            // Just created: gossip does not show it yet.
+            return relay(&addr, &id).await;
+        }
+    }
+    Err(ApiError::field(
+        StatusCode::NOT_FOUND,
+        "id",
+        format!("environment {id} not found"),
+    ))
+}
+
+/// The address of the alive peer that has environment `id`, asked
+/// directly (for an environment too new for gossip to show).
+async fn ask_peers(s: &AppState, id: &str) -> Option<String> {
+    let view = s.cluster.view();
+    let path = format!("/v1/environments/{id}");
+    let addrs: Vec<String> = view
+        .nodes
+        .iter()
+        .filter(|n| !n.is_self && n.alive && !n.left)
+        .filter_map(|n| Some(n.facts.as_ref()?.http_addr.clone()))
+        .collect();
+    let asks = addrs.iter().map(|a| {
+        let path = path.clone();
+        async move {
+            let c = crate::client::Client::new(&format!("http://{a}"), RELAY_CONNECT)
+                .ok()?
+                .with_header(LOCAL_HEADER, "1");
+            match c.send_raw(hyper::Method::GET, &path, None).await {
+                Ok((StatusCode::OK, _)) => Some(a.clone()),
+                _ => None,
+            }
+        }
+    });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .next()
+}
+
+/// The stream of a local environment: the record on every change, then a
+/// last `deleted` record.
+fn local(envs: Arc<Envs>, id: String) -> Response {
+    // Subscribed before the first read, so no change falls in between.
+    let rx = envs.subscribe();
+    let stream = futures::stream::unfold(
+        (envs, rx, id, None::<EnvRecord>, false),
+        |(envs, mut rx, id, last, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                match envs.get(&id) {
+                    None => {
+                        let mut rec = last?;
+                        rec.status = EnvStatus::Deleted;
+                        return Some((event(&rec), (envs, rx, id, None, true)));
+                    }
+                    Some(rec) if last.as_ref() != Some(&rec) => {
+                        return Some((event(&rec), (envs, rx, id, Some(rec), false)));
+                    }
+                    Some(_) => {}
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        },
+    );
+    Sse::new(stream.map(Ok::<_, Infallible>))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+/// Relays the owner's stream as it comes.
+async fn relay(addr: &str, id: &str) -> Result<Response, ApiError> {
+    let client = HyperClient::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let req = hyper::Request::get(format!("http://{addr}/v1/environments/{id}/events"))
+        .header(LOCAL_HEADER, "1")
+        .body(Empty::new())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let resp = tokio::time::timeout(RELAY_CONNECT, client.request(req))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("node at {addr} did not answer"),
+            )
+        })?
+        .map_err(|e| {
+            warn!(env = %id, error = %e, "relaying events");
+            ApiError::new(StatusCode::BAD_GATEWAY, format!("node at {addr}: {e}"))
+        })?;
+    let status = resp.status();
+    let ty = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or_else(|| header::HeaderValue::from_static("text/event-stream"));
+    Ok((
+        status,
+        [
+            (header::CONTENT_TYPE, ty),
+            (
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-cache"),
+            ),
+        ],
+        Body::new(resp.into_body()),
+    )
+        .into_response())
+}
