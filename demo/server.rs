@@ -71,7 +71,12 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("--install") => install(&args[2..]),
         Some("--fail") => {
-            eprintln!("{}", args.get(2).map(String::as_str).unwrap_or("installer failed"));
+            eprintln!(
+                "{}",
+                args.get(2)
+                    .map(String::as_str)
+                    .unwrap_or("installer failed")
+            );
             process::exit(1);
         }
         _ => {}
@@ -310,7 +315,11 @@ fn install(args: &[String]) -> ! {
     let text = args.get(1).map(String::as_str).unwrap_or("installed");
     let caps = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("CapEff:")).map(String::from))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("CapEff:"))
+                .map(String::from)
+        })
         .unwrap_or_else(|| "CapEff: unknown".into());
     let path = std::path::Path::new(file);
     if let Some(dir) = path.parent() {
