@@ -38,7 +38,7 @@ use tracing::{info, warn};
 use crate::docker::EngineInfo;
 use crate::envs::{EnvError, Envs};
 use crate::model::{EnvRequest, ErrorBody, FieldError, ImageInfo, NodeInfo, PublishRequest};
-use crate::routing::{Cluster, Forwarded, RouteError, LOCAL_HEADER};
+use crate::routing::{Cluster, Forwarded, RouteError, DEADLINE_HEADER, LOCAL_HEADER};
 use crate::store::{ImageRef, PublishHint, StoreError};
 
 /// Largest request body accepted.
@@ -381,6 +381,17 @@ async fn create_env(
     if !is_local(&headers) {
         return Ok(passthrough(
             s.cluster.create(&body, &req, spec, manifest).await?,
+        ));
+    }
+    // A forwarded create read after its sender gave up: refuse, so no
+    // environment starts that the requester never heard of.
+    let deadline = headers
+        .get(DEADLINE_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if deadline.is_some_and(|d| crate::routing::unix_ms() > d) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the request arrived after its sender stopped waiting",
         ));
     }
     if let Some(want) = &req.constraints {

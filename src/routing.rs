@@ -39,6 +39,18 @@ use crate::store::Manifest;
 /// Header on node-to-node requests: serve locally, do not route.
 pub const LOCAL_HEADER: &str = "x-shoal-local";
 
+/// Header on a forwarded create: unix milliseconds after which the sender
+/// has given up waiting. A node that reads the request later (it was frozen
+/// or slow) refuses it rather than start an environment nobody knows of.
+pub const DEADLINE_HEADER: &str = "x-shoal-deadline";
+
+/// Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Load throughput assumed for a node that has not measured its own:
 /// bytes/s (the seed's lz4 + `docker load` did about 100 MB/s).
 pub const DEFAULT_LOAD_BPS: u64 = 100_000_000;
@@ -290,6 +302,8 @@ impl Cluster {
             let Some(client) = self.peer(node) else {
                 continue;
             };
+            let deadline = unix_ms() + PEER_TIMEOUT.as_millis() as u64;
+            let client = client.with_header(DEADLINE_HEADER, &deadline.to_string());
             match client
                 .send_raw(hyper::Method::POST, "/v1/environments", Some(body.to_vec()))
                 .await

@@ -409,3 +409,61 @@ async fn sigterm_drains_and_leaves_environments_running() -> Result<()> {
     n.wait_settled(body["id"].as_str().unwrap()).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_candidate_costs_a_timeout_then_the_next_node_takes_it() -> Result<()> {
+    let engine = Engine::connect().await?;
+    let tmp = tempfile::tempdir()?;
+    let names = node_names(&unique("k"), 3);
+    let mut cleanup = Cleanup::new();
+    cleanup.nodes = names.clone();
+    let roomy = vec!["--role", "slave", "--memory", "2GiB", "--max-envs", "12"];
+    let nodes = cluster(
+        tmp.path(),
+        &[
+            (&names[0], vec!["--role", "master"]),
+            (&names[1], roomy.clone()),
+            (&names[2], roomy.clone()),
+        ],
+    )
+    .await?;
+    let image = publish_image(&nodes[0], &engine, &mut cleanup).await?;
+    // Freeze node 1 (SIGSTOP): its gossip still looks alive for a few
+    // seconds, but its API does not answer.
+    let pid = nix::unistd::Pid::from_raw(nodes[1].child.as_ref().unwrap().id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let client = nodes[0].client.clone();
+        let body = json!({"image": image, "owner": format!("u{i}@example.com")});
+        tasks.push(tokio::spawn(async move {
+            raw(
+                &client,
+                "POST",
+                "/v1/environments",
+                Some(body.to_string().into_bytes()),
+            )
+            .await
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await?);
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    for r in results {
+        let (code, body) = r?;
+        assert_eq!(code, 202, "{body}");
+        assert_eq!(body["node"], nodes[2].name.as_str(), "{body}");
+    }
+    // With 8 requests in random order among two equal candidates, the
+    // frozen one was tried first at least once and cost a timeout.
+    assert!(
+        nodes[0].log().contains("candidate unreachable"),
+        "{}",
+        nodes[0].log()
+    );
+    // The thawed node comes back and took nothing.
+    assert!(engine.env_containers(&nodes[1].name).await?.is_empty());
+    Ok(())
+}
