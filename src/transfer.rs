@@ -8,7 +8,7 @@
 use std::io::Write;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
 use crate::docker::{DockerError, Engine};
@@ -45,14 +45,33 @@ pub async fn publish_derived(
     hint: PublishHint,
     base: Option<ImageRef>,
 ) -> Result<(Manifest, PublishStats), StoreError> {
-    let stream = engine.export(source).map_err(std::io::Error::other);
+    // A pump reads the save stream ahead into a deep buffer, so the engine
+    // keeps writing while the blocking side hashes and compresses: without
+    // it the two take turns (the socket buffer is all that lies between).
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(SAVE_AHEAD_CHUNKS);
+    let mut export = engine.export(source).map_err(std::io::Error::other).boxed();
+    let pump = tokio::spawn(async move {
+        while let Some(item) = export.next().await {
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let store = store.clone();
     let r = r.clone();
-    tokio::task::spawn_blocking(move || store.publish_derived(reader, &r, &hint, base))
+    let done = tokio::task::spawn_blocking(move || store.publish_derived(reader, &r, &hint, base))
         .await
-        .map_err(|e| StoreError::Sink(std::io::Error::other(e)))?
+        .map_err(|e| StoreError::Sink(std::io::Error::other(e)));
+    pump.abort();
+    done?
 }
+
+/// Chunks of the save stream read ahead of the store writer (hyper hands
+/// out chunks of up to a few tens of KiB: some tens of MiB at most).
+const SAVE_AHEAD_CHUNKS: usize = 1024;
 
 /// Loads `m` into the engine, omitting its first `skip` layers (the engine
 /// holds their chain), tagged with the image ref's docker tag. `progress`
