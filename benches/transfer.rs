@@ -56,6 +56,7 @@ fn docker(args: &[&str]) -> Result<()> {
     let st = Command::new("docker")
         .args(args)
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .status()?;
     ensure!(st.success(), "docker {args:?} failed");
     Ok(())
