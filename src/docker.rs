@@ -368,11 +368,20 @@ impl Engine {
             }),
             ..Default::default()
         };
+        self.create_and_start(&spec.name, body).await
+    }
+
+    /// Creates a container and starts it; one that does not start is removed.
+    async fn create_and_start(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<String, DockerError> {
         let created = self
             .docker
             .create_container(
                 Some(CreateContainerOptions {
-                    name: Some(spec.name.clone()),
+                    name: Some(name.to_string()),
                     platform: String::new(),
                 }),
                 body,
@@ -496,22 +505,7 @@ impl Engine {
             }),
             ..Default::default()
         };
-        let created = self
-            .docker
-            .create_container(
-                Some(CreateContainerOptions {
-                    name: Some(name.to_string()),
-                    platform: String::new(),
-                }),
-                body,
-            )
-            .await
-            .map_err(api("create container"))?;
-        if let Err(e) = self.docker.start_container(&created.id, None).await {
-            let _ = self.remove_container(&created.id).await;
-            return Err(api("start container")(e));
-        }
-        Ok(created.id)
+        self.create_and_start(name, body).await
     }
 
     /// Waits until container `id` exits; returns its exit code.

@@ -442,6 +442,9 @@ async fn unhealthy_and_portcheck_images() -> Result<()> {
     Ok(())
 }
 
+/// (method, path, body, status, field the error names)
+type BadCase<'a> = (&'a str, &'a str, Option<Vec<u8>>, u16, Option<&'a str>);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_with_the_field_named() -> Result<()> {
     let engine = Engine::connect().await?;
@@ -457,126 +460,98 @@ async fn bad_input_is_refused_with_the_field_named() -> Result<()> {
     )
     .await?;
     let p = publish_pair(&node, &engine, &unique("t"), &mut cleanup).await?;
-    let post = |body: Vec<u8>| raw(&node.client, "POST", "/v1/environments", Some(body));
-    let check = |(code, body): (u16, Value), want_code: u16, want_field: Option<&str>| {
-        assert_eq!(code, want_code, "{body}");
-        assert!(body["error"].is_string(), "{body}");
+    let body = |v: Value| Some(v.to_string().into_bytes());
+    let base = p.base.as_str();
+    let cases: Vec<BadCase> = vec![
+        (
+            "POST",
+            "/v1/environments",
+            Some(b"{not json".to_vec()),
+            400,
+            None,
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            body(json!({"owner": "a@b"})),
+            400,
+            Some("image"),
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            body(json!({"image": base, "owner": "a@b", "memory": "lots"})),
+            400,
+            Some("memory"),
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            body(json!({"image": base, "owner": "a@b", "memory": "1MiB"})),
+            400,
+            Some("memory"),
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            body(json!({"image": base, "owner": "a@b", "aio": "x"})),
+            400,
+            Some("aio"),
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            body(json!({"image": base, "owner": "a@b", "colour": 1})),
+            400,
+            Some("colour"),
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            body(json!({"image": "nope:1", "owner": "a@b"})),
+            404,
+            Some("image"),
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            body(json!({"image": "Bad Ref", "owner": "a@b"})),
+            400,
+            Some("image"),
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            Some(vec![b' '; (1 << 20) + 10]),
+            413,
+            None,
+        ),
+        ("GET", "/v1/environments/nope", None, 404, Some("id")),
+        ("DELETE", "/v1/environments/nope", None, 404, Some("id")),
+        (
+            "POST",
+            "/v1/images",
+            body(json!({"source": "no-such-image:x", "ref": "a:1"})),
+            404,
+            Some("source"),
+        ),
+        (
+            "POST",
+            "/v1/images",
+            body(json!({"source": "x", "ref": "A:1"})),
+            400,
+            Some("ref"),
+        ),
+        ("GET", "/v1/nothing", None, 404, None),
+    ];
+    for (method, path, payload, want_code, want_field) in cases {
+        let (code, answer) = raw(&node.client, method, path, payload).await?;
+        assert_eq!(code, want_code, "{method} {path}: {answer}");
+        assert!(answer["error"].is_string(), "{method} {path}: {answer}");
         if let Some(f) = want_field {
-            assert_eq!(body["field"], f, "{body}");
+            assert_eq!(answer["field"], f, "{method} {path}: {answer}");
         }
-    };
-    check(post(b"{not json".to_vec()).await?, 400, None);
-    check(
-        post(json!({"owner": "a@b"}).to_string().into_bytes()).await?,
-        400,
-        Some("image"),
-    );
-    check(
-        post(
-            json!({"image": p.base, "owner": "a@b", "memory": "lots"})
-                .to_string()
-                .into_bytes(),
-        )
-        .await?,
-        400,
-        Some("memory"),
-    );
-    check(
-        post(
-            json!({"image": p.base, "owner": "a@b", "memory": "1MiB"})
-                .to_string()
-                .into_bytes(),
-        )
-        .await?,
-        400,
-        Some("memory"),
-    );
-    check(
-        post(
-            json!({"image": p.base, "owner": "a@b", "aio": "x"})
-                .to_string()
-                .into_bytes(),
-        )
-        .await?,
-        400,
-        Some("aio"),
-    );
-    check(
-        post(
-            json!({"image": p.base, "owner": "a@b", "colour": 1})
-                .to_string()
-                .into_bytes(),
-        )
-        .await?,
-        400,
-        Some("colour"),
-    );
-    check(
-        post(
-            json!({"image": "nope:1", "owner": "a@b"})
-                .to_string()
-                .into_bytes(),
-        )
-        .await?,
-        404,
-        Some("image"),
-    );
-    check(
-        post(
-            json!({"image": "Bad Ref", "owner": "a@b"})
-                .to_string()
-                .into_bytes(),
-        )
-        .await?,
-        400,
-        Some("image"),
-    );
-    check(post(vec![b' '; (1 << 20) + 10]).await?, 413, None);
-    check(
-        raw(&node.client, "GET", "/v1/environments/nope", None).await?,
-        404,
-        Some("id"),
-    );
-    check(
-        raw(&node.client, "DELETE", "/v1/environments/nope", None).await?,
-        404,
-        Some("id"),
-    );
-    check(
-        raw(
-            &node.client,
-            "POST",
-            "/v1/images",
-            Some(
-                json!({"source": "no-such-image:x", "ref": "a:1"})
-                    .to_string()
-                    .into_bytes(),
-            ),
-        )
-        .await?,
-        404,
-        Some("source"),
-    );
-    check(
-        raw(
-            &node.client,
-            "POST",
-            "/v1/images",
-            Some(
-                json!({"source": "x", "ref": "A:1"})
-                    .to_string()
-                    .into_bytes(),
-            ),
-        )
-        .await?,
-        400,
-        Some("ref"),
-    );
-    check(
-        raw(&node.client, "GET", "/v1/nothing", None).await?,
-        404,
-        None,
-    );
+    }
     // Nothing changed.
     let list: Vec<EnvRecord> = node.client.get("/v1/environments").await?;
     assert!(list.is_empty());
