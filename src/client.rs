@@ -131,6 +131,55 @@ impl Client {
         })
     }
 
+    /// GETs a streaming answer (server-sent events) and hands each chunk
+    /// of the body to `on_chunk` as it arrives, until the server ends it.
+    /// Only connecting is bounded by the timeout.
+    pub async fn stream(
+        &self,
+        path: &str,
+        mut on_chunk: impl FnMut(&[u8]),
+    ) -> Result<(), ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder().method(Method::GET).uri(&url);
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|_| ClientError::Url(url.clone()))?;
+        let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable {
+            url: url.clone(),
+            message: e.to_string(),
+        };
+        let resp = tokio::time::timeout(self.timeout, self.http.request(req))
+            .await
+            .map_err(|_| ClientError::Timeout { url: url.clone() })?
+            .map_err(|e| unreachable(&e))?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| unreachable(&e))?
+                .to_bytes();
+            let body = serde_json::from_slice(&bytes).unwrap_or(ErrorBody {
+                error: String::from_utf8_lossy(&bytes).into_owned(),
+                field: None,
+                resource: None,
+                reasons: Vec::new(),
+            });
+            return Err(ClientError::Api { status, body });
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| unreachable(&e))?;
+            if let Some(data) = frame.data_ref() {
+                on_chunk(data);
+            }
+        }
+        Ok(())
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.call(Method::GET, path, None::<&()>).await
     }

@@ -80,6 +80,16 @@ enum Cmd {
     Env { id: String },
     /// Delete an environment (stops and removes its container).
     Delete { id: String },
+    /// Push an environment's expiry back (up to the node's max_ttl).
+    Extend {
+        id: String,
+        /// How much longer, e.g. `4h`.
+        #[arg(long, default_value = "4h")]
+        by: String,
+    },
+    /// Follow an environment's changes as they happen (server-sent events;
+    /// one JSON record per line) until it is deleted.
+    Events { id: String },
     /// Every node this node knows, alive or dead, with its facts (the
     /// seed's `fleetctl list-machines`).
     Cluster {
@@ -349,7 +359,7 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
                             i.layers.to_string(),
                             i.requirements.memory.map(format_size).unwrap_or("-".into()),
                             i.requirements.aio.to_string(),
-                            i.published_at.to_string(),
+                            fmt_time(i.published_at),
                         ]
                     })
                     .collect();
@@ -440,6 +450,28 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
         Cmd::Env { id } => {
             let rec: EnvRecord = client.get(&format!("/v1/environments/{id}")).await?;
             println!("{}", serde_json::to_string_pretty(&rec)?);
+        }
+        Cmd::Extend { id, by } => {
+            let rec: EnvRecord = client
+                .post(&format!("/v1/environments/{id}/extend"), &json!({"by": by}))
+                .await?;
+            let when = rec.expires_at.map_or_else(|| "never".to_string(), fmt_time);
+            println!("{} expires {when}", rec.id);
+        }
+        Cmd::Events { id } => {
+            let streaming = Client::new(node, Duration::from_secs(30))?;
+            let mut pending = String::new();
+            streaming
+                .stream(&format!("/v1/environments/{id}/events"), |chunk| {
+                    pending.push_str(&String::from_utf8_lossy(chunk));
+                    while let Some(end) = pending.find('\n') {
+                        let line: String = pending.drain(..=end).collect();
+                        if let Some(data) = line.trim_end().strip_prefix("data:") {
+                            println!("{}", data.trim());
+                        }
+                    }
+                })
+                .await?;
         }
         Cmd::Delete { id } => {
             let rec: EnvRecord = client.delete(&format!("/v1/environments/{id}")).await?;
@@ -648,6 +680,14 @@ fn print_env(e: &EnvRecord) {
     for p in &e.endpoints {
         println!("endpoint  {} -> port {}", p, p.port);
     }
+}
+
+/// A time as `2015-11-03T02:10:00Z`.
+fn fmt_time(t: time::OffsetDateTime) -> String {
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
 }
 
 /// Prints rows as an aligned table.
