@@ -13,6 +13,7 @@
 //! - `GET  /v1/environments/{id}`     one environment
 //! - `DELETE /v1/environments/{id}`   stop and remove it
 //! - `GET  /v1/cluster`               every node this node knows, alive or dead
+//! - `GET  /v1/workers`               this node's background workers and their state
 //! - `POST /v1/placement`             where a request would go, and why
 //! - `GET  /v1/builds`                every build the build nodes know
 //! - `GET  /v1/builds/{product}/{build}/log`  a build's log (text)
@@ -51,6 +52,7 @@ pub struct AppState {
     pub cluster: Arc<Cluster>,
     pub builds: Arc<crate::builds::Builds>,
     pub mail: Arc<crate::mail::Mailer>,
+    pub workers: Arc<crate::workers::Workers>,
 }
 
 /// An error answer: status plus the JSON body.
@@ -182,6 +184,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/environments", get(list_envs).post(create_env))
         .route("/v1/environments/{id}", get(get_env).delete(delete_env))
         .route("/v1/cluster", get(cluster))
+        .route(
+            "/v1/workers",
+            get(|State(s): State<Arc<AppState>>| async move { Json(s.workers.list()) }),
+        )
         .route("/v1/placement", axum::routing::post(placement))
         // Build watcher (builds/).
         .route("/v1/builds", get(list_builds))

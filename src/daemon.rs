@@ -96,19 +96,26 @@ pub async fn run(
         info.storage_driver.clone(),
     )
     .await?;
-    let publisher = cluster.spawn_publisher();
+    let workers = crate::workers::Workers::new();
+    workers.adopt("gossip-publisher", cluster.spawn_publisher());
     // Build watcher (role build) and image GC (every node).
     let builds = crate::builds::Builds::open(envs.clone())?;
-    let build_workers = builds.spawn(cluster.clone());
+    for (name, task) in builds.spawn(cluster.clone()) {
+        workers.adopt(name, task);
+    }
     // Testers' workers: mail (watcher + outbox) and the reservation reaper.
     let public_url = settings
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{http_addr}"));
     let mail = crate::mail::Mailer::new(&settings, public_url)?;
-    let tester_workers = [
-        mail.spawn_sender(),
+    workers.adopt("mail-outbox", mail.spawn_sender());
+    workers.adopt(
+        "mail-watcher",
         mail.spawn_watcher(envs.clone(), cluster.clone()),
+    );
+    workers.adopt(
+        "reaper",
         tokio::spawn(crate::reaper::run(
             crate::reaper::EnvsTarget {
                 envs: envs.clone(),
@@ -116,27 +123,31 @@ pub async fn run(
             },
             time::OffsetDateTime::now_utc,
         )),
-    ];
+    );
     let state = Arc::new(AppState {
         envs: envs.clone(),
         engine: info,
         cluster: cluster.clone(),
         builds,
         mail,
+        workers: workers.clone(),
     });
 
     // Reconcile worker: notices containers that stopped on their own and
     // frees their room. Ends with the daemon.
-    let reconcile = {
+    {
         let envs = envs.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                envs.reconcile().await;
-            }
-        })
-    };
+        workers.adopt(
+            "reconcile",
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    envs.reconcile().await;
+                }
+            }),
+        );
+    }
 
     // Where this node actually listens (port 0 picks one): for scripts and
     // tests that start a node without fixing its port.
@@ -172,10 +183,7 @@ pub async fn run(
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(drain)
         .await;
-    reconcile.abort();
-    publisher.abort();
-    build_workers.iter().for_each(|t| t.abort());
-    tester_workers.iter().for_each(|w| w.abort());
+    workers.abort_all();
     served.map_err(DaemonError::Serve)
 }
 

@@ -25,3 +25,4 @@ pub mod store;
 pub mod transfer;
 pub mod units;
 pub mod web;
+pub mod workers;

@@ -108,6 +108,11 @@ enum Cmd {
         #[arg(long = "constraint", value_name = "KEY=VALUE")]
         constraints: Vec<String>,
     },
+    /// The node's background workers: running, stopped, or failed.
+    Workers {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the node's facts and limits.
     Node {
         #[arg(long)]
@@ -631,6 +636,26 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
                 bail!("{status}: {}", String::from_utf8_lossy(&body));
             }
             print!("{}", String::from_utf8_lossy(&body));
+        }
+        Cmd::Workers { json } => {
+            let list: Vec<serde_json::Value> = client.get("/v1/workers").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+                let rows = list
+                    .iter()
+                    .map(|w| {
+                        vec![
+                            text(&w["name"]),
+                            text(&w["state"]),
+                            text(&w["started_at"]),
+                            text(&w["error"]),
+                        ]
+                    })
+                    .collect();
+                print_table(&["WORKER", "STATE", "SINCE", "ERROR"], rows);
+            }
         }
         Cmd::Node { json } => {
             let n: NodeInfo = client.get("/v1/node").await?;

@@ -150,6 +150,24 @@ async fn publish_load_start_delete() -> Result<()> {
         assert_eq!(code, 404);
     }
     assert!(engine.env_containers(&name).await?.is_empty());
+
+    // Every background worker is up, by name.
+    let workers: Vec<Value> = node.client.get("/v1/workers").await?;
+    for want in [
+        "reconcile",
+        "gossip-publisher",
+        "reaper",
+        "mail-outbox",
+        "mail-watcher",
+        "image-gc",
+    ] {
+        let w = workers.iter().find(|w| w["name"] == want);
+        assert_eq!(
+            w.map(|w| w["state"].clone()),
+            Some(json!("running")),
+            "{want}: {workers:?}"
+        );
+    }
     Ok(())
 }
 

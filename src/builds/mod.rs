@@ -361,30 +361,42 @@ impl Builds {
 
     /// Starts the workers: the watcher and runner on a build node, the
     /// image GC everywhere.
-    pub fn spawn(self: &Arc<Self>, cluster: Arc<Cluster>) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn(
+        self: &Arc<Self>,
+        cluster: Arc<Cluster>,
+    ) -> Vec<(&'static str, tokio::task::JoinHandle<()>)> {
         let mut tasks = Vec::new();
         // Image GC: keeps the engine's disk from filling with builds that
         // are no longer published.
         {
             let me = self.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(me.settings.builds.image_gc_interval);
-                loop {
-                    tick.tick().await;
-                    if let Err(e) = me.gc_images().await {
-                        warn!(error = %e, "image gc");
+            tasks.push((
+                "image-gc",
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(me.settings.builds.image_gc_interval);
+                    loop {
+                        tick.tick().await;
+                        if let Err(e) = me.gc_images().await {
+                            warn!(error = %e, "image gc");
+                        }
                     }
-                }
-            }));
+                }),
+            ));
         }
         if !self.is_watching() {
             return tasks;
         }
         let me = self.clone();
         let cl = cluster.clone();
-        tasks.push(tokio::spawn(async move { me.watch_loop(cl).await }));
+        tasks.push((
+            "build-watcher",
+            tokio::spawn(async move { me.watch_loop(cl).await }),
+        ));
         let me = self.clone();
-        tasks.push(tokio::spawn(async move { me.run_loop(cluster).await }));
+        tasks.push((
+            "build-queue",
+            tokio::spawn(async move { me.run_loop(cluster).await }),
+        ));
         tasks
     }
 
