@@ -451,10 +451,12 @@ async fn a_frozen_candidate_costs_a_timeout_then_the_next_node_takes_it() -> Res
         results.push(t.await?);
     }
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    let mut accepted = Vec::new();
     for r in results {
         let (code, body) = r?;
         assert_eq!(code, 202, "{body}");
         assert_eq!(body["node"], nodes[2].name.as_str(), "{body}");
+        accepted.push(body["id"].as_str().unwrap().to_string());
     }
     // With 8 requests in random order among two equal candidates, the
     // frozen one was tried first at least once and cost a timeout.
@@ -465,5 +467,9 @@ async fn a_frozen_candidate_costs_a_timeout_then_the_next_node_takes_it() -> Res
     );
     // The thawed node comes back and took nothing.
     assert!(engine.env_containers(&nodes[1].name).await?.is_empty());
+    // Let the accepted ones finish starting before the cleanup.
+    for id in accepted {
+        nodes[0].wait_settled(&id).await?;
+    }
     Ok(())
 }

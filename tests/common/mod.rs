@@ -235,16 +235,23 @@ impl Drop for Cleanup {
             let Ok(engine) = Engine::connect().await else {
                 return;
             };
-            for n in &nodes {
-                for c in engine.env_containers(n).await.unwrap_or_default() {
-                    let _ = engine.remove_container(&c).await;
+            // Twice: a create or load the killed daemons had in flight is
+            // finished by the engine after they are gone.
+            for pass in 0..2 {
+                if pass == 1 {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                 }
-            }
-            for c in &containers {
-                let _ = engine.remove_container(c).await;
-            }
-            for i in &images {
-                let _ = engine.remove_image(i).await;
+                for n in &nodes {
+                    for c in engine.env_containers(n).await.unwrap_or_default() {
+                        let _ = engine.remove_container(&c).await;
+                    }
+                }
+                for c in &containers {
+                    let _ = engine.remove_container(c).await;
+                }
+                for i in &images {
+                    let _ = engine.remove_image(i).await;
+                }
             }
         };
         // Drop may run inside a tokio runtime: do the work on a fresh thread.
