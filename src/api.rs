@@ -247,10 +247,17 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
 
 async fn list_images(State(s): State<Arc<AppState>>) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     let store = s.envs.store().clone();
-    let list = tokio::task::spawn_blocking(move || store.list())
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let list = blocking(move || store.list()).await??;
     Ok(Json(list.iter().map(ImageInfo::from).collect()))
+}
+
+/// Runs blocking store I/O off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 fn parse_ref(field: &str, s: &str) -> Result<ImageRef, ApiError> {
@@ -265,9 +272,7 @@ async fn get_image(
 ) -> Result<Json<ImageInfo>, ApiError> {
     let r = parse_ref("image", &image)?;
     let store = s.envs.store().clone();
-    let m = tokio::task::spawn_blocking(move || store.get(&r))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let m = blocking(move || store.get(&r)).await??;
     Ok(Json(ImageInfo::from(&m)))
 }
 
@@ -364,9 +369,7 @@ async fn env_request(
     let req: EnvRequest = parse_body(&body)?;
     let r = req.image_ref()?;
     let store = s.envs.store().clone();
-    let manifest = tokio::task::spawn_blocking(move || store.get(&r))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let manifest = blocking(move || store.get(&r)).await??;
     let spec = req.check(&manifest.requirements, s.envs.settings().default_memory)?;
     crate::reaper::initial_expiry(
         time::OffsetDateTime::now_utc(),

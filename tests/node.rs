@@ -66,18 +66,13 @@ async fn publish_pair(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn publish_load_start_delete() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let name = unique("n");
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes.push(name.clone());
-    let node = Node::start(
-        &name,
-        &tmp.path().join("node"),
-        &tmp.path().join("store"),
-        &[],
-    )
-    .await?;
+    let Solo {
+        dir: tmp,
+        engine,
+        name,
+        mut cleanup,
+        node,
+    } = solo("n", &[]).await?;
     let p = publish_pair(&node, &engine, &unique("t"), &mut cleanup).await?;
 
     // The catalog lists both; the derived image shares the base's layers.
@@ -173,18 +168,13 @@ async fn publish_load_start_delete() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_keeps_environments_without_restarting_them() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let name = unique("n");
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes.push(name.clone());
-    let mut node = Node::start(
-        &name,
-        &tmp.path().join("node"),
-        &tmp.path().join("store"),
-        &[],
-    )
-    .await?;
+    let Solo {
+        dir: _tmp,
+        engine,
+        name: _,
+        mut cleanup,
+        mut node,
+    } = solo("n", &[]).await?;
     let p = publish_pair(&node, &engine, &unique("t"), &mut cleanup).await?;
     let (code, body) = node
         .request_env(json!({"image": p.base, "owner": "a@example.com"}))
@@ -240,16 +230,15 @@ fn docker_inspect(id: &str, format: &str) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn admission_refuses_and_concurrent_requests_never_overcommit() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let name = unique("n");
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes.push(name.clone());
     // Room for two 64 MiB environments by memory, three by count.
-    let node = Node::start(
-        &name,
-        &tmp.path().join("node"),
-        &tmp.path().join("store"),
+    let Solo {
+        dir: _tmp,
+        engine,
+        name,
+        mut cleanup,
+        node,
+    } = solo(
+        "n",
         &[
             "--memory",
             "150MiB",
@@ -330,18 +319,13 @@ async fn admission_refuses_and_concurrent_requests_never_overcommit() -> Result<
 
 #[tokio::test(flavor = "multi_thread")]
 async fn corrupted_layer_fails_clearly_and_tags_nothing() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let name = unique("n");
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes.push(name.clone());
-    let node = Node::start(
-        &name,
-        &tmp.path().join("node"),
-        &tmp.path().join("store"),
-        &[],
-    )
-    .await?;
+    let Solo {
+        dir: tmp,
+        engine,
+        name,
+        mut cleanup,
+        node,
+    } = solo("n", &[]).await?;
     let prefix = unique("t");
     let p = publish_pair(&node, &engine, &prefix, &mut cleanup).await?;
     let store = Store::open(&tmp.path().join("store"))?;
@@ -383,18 +367,13 @@ fn corrupt_layer(path: &Path, size: u64) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unhealthy_and_portcheck_images() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let name = unique("n");
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes.push(name.clone());
-    let node = Node::start(
-        &name,
-        &tmp.path().join("node"),
-        &tmp.path().join("store"),
-        &["--ready-timeout", "30s"],
-    )
-    .await?;
+    let Solo {
+        dir: _tmp,
+        engine,
+        name,
+        mut cleanup,
+        node,
+    } = solo("n", &["--ready-timeout", "30s"]).await?;
     let prefix = unique("t");
     // No HEALTHCHECK: ready once the port answers.
     let src = format!("{prefix}-src/plain:1");
@@ -465,18 +444,13 @@ type BadCase<'a> = (&'a str, &'a str, Option<Vec<u8>>, u16, Option<&'a str>);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_with_the_field_named() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let name = unique("n");
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes.push(name.clone());
-    let node = Node::start(
-        &name,
-        &tmp.path().join("node"),
-        &tmp.path().join("store"),
-        &[],
-    )
-    .await?;
+    let Solo {
+        dir: _tmp,
+        engine,
+        name,
+        mut cleanup,
+        node,
+    } = solo("n", &[]).await?;
     let p = publish_pair(&node, &engine, &unique("t"), &mut cleanup).await?;
     let body = |v: Value| Some(v.to_string().into_bytes());
     let base = p.base.as_str();
@@ -581,18 +555,13 @@ async fn bad_input_is_refused_with_the_field_named() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_start_that_is_not_ready_in_time_fails_and_is_removed() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let name = unique("n");
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes.push(name.clone());
-    let node = Node::start(
-        &name,
-        &tmp.path().join("node"),
-        &tmp.path().join("store"),
-        &["--ready-timeout", "3s"],
-    )
-    .await?;
+    let Solo {
+        dir: _tmp,
+        engine,
+        name,
+        mut cleanup,
+        node,
+    } = solo("n", &["--ready-timeout", "3s"]).await?;
     let r = format!("{}-slow:1", unique("t"));
     let img = DemoImage {
         healthcheck: false,

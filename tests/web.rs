@@ -45,18 +45,13 @@ struct Setup {
 }
 
 async fn setup(extra: &[&str]) -> Result<Setup> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let name = unique("w");
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes.push(name.clone());
-    let node = Node::start(
-        &name,
-        &tmp.path().join("node"),
-        &tmp.path().join("store"),
-        extra,
-    )
-    .await?;
+    let Solo {
+        dir: tmp,
+        engine,
+        mut cleanup,
+        node,
+        ..
+    } = solo("w", extra).await?;
     let image = format!("{}:20151103.1", unique("erp"));
     let img = DemoImage {
         extra_files: vec![("/marker".into(), random_bytes(2 << 20))],

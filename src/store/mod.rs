@@ -178,6 +178,39 @@ impl Store {
     /// Every published manifest, newest `published_at` first. A manifest
     /// that does not read or validate is logged and left out.
     pub fn list(&self) -> Result<Vec<Manifest>, StoreError> {
+        let mut out = Vec::new();
+        for path in self.manifest_paths()? {
+            let m = match self.read_manifest(&path) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "skipping manifest");
+                    continue;
+                }
+            };
+            if let Some(l) = m
+                .layers
+                .iter()
+                .find(|l| !self.layer_path(&l.diff_id).exists())
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    layer = %l.diff_id,
+                    "skipping manifest: layer file missing"
+                );
+                continue;
+            }
+            out.push(m);
+        }
+        out.sort_by(|a, b| {
+            b.published_at
+                .cmp(&a.published_at)
+                .then_with(|| a.image_ref().cmp(&b.image_ref()))
+        });
+        Ok(out)
+    }
+
+    /// Paths of every `manifests/<name>/<build>.json` file.
+    fn manifest_paths(&self) -> Result<Vec<PathBuf>, StoreError> {
         let dir = self.manifests_dir();
         let mut out = Vec::new();
         for name in fs::read_dir(&dir).map_err(io_at(&dir))? {
@@ -187,36 +220,11 @@ impl Store {
             }
             for file in fs::read_dir(&name).map_err(io_at(&name))? {
                 let path = file.map_err(io_at(&name))?.path();
-                if path.extension().is_none_or(|e| e != "json") {
-                    continue;
+                if path.extension().is_some_and(|e| e == "json") {
+                    out.push(path);
                 }
-                let m = match self.read_manifest(&path) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "skipping manifest");
-                        continue;
-                    }
-                };
-                if let Some(l) = m
-                    .layers
-                    .iter()
-                    .find(|l| !self.layer_path(&l.diff_id).exists())
-                {
-                    tracing::warn!(
-                        path = %path.display(),
-                        layer = %l.diff_id,
-                        "skipping manifest: layer file missing"
-                    );
-                    continue;
-                }
-                out.push(m);
             }
         }
-        out.sort_by(|a, b| {
-            b.published_at
-                .cmp(&a.published_at)
-                .then_with(|| a.image_ref().cmp(&b.image_ref()))
-        });
         Ok(out)
     }
 
@@ -247,29 +255,18 @@ impl Store {
     /// missing layer) is still returned, with the layers it names when its
     /// JSON says, so nothing it references is taken for garbage.
     pub fn manifest_files(&self) -> Result<Vec<ManifestFile>, StoreError> {
-        let dir = self.manifests_dir();
         let mut out = Vec::new();
-        for name in fs::read_dir(&dir).map_err(io_at(&dir))? {
-            let name = name.map_err(io_at(&dir))?.path();
-            if !name.is_dir() {
-                continue;
-            }
-            for file in fs::read_dir(&name).map_err(io_at(&name))? {
-                let path = file.map_err(io_at(&name))?.path();
-                if path.extension().is_none_or(|e| e != "json") {
-                    continue;
-                }
-                let manifest = self.read_manifest(&path).ok();
-                let layers = match &manifest {
-                    Some(m) => Some(m.layers.iter().map(|l| l.diff_id).collect()),
-                    None => lenient_layers(&path),
-                };
-                out.push(ManifestFile {
-                    path,
-                    manifest,
-                    layers,
-                });
-            }
+        for path in self.manifest_paths()? {
+            let manifest = self.read_manifest(&path).ok();
+            let layers = match &manifest {
+                Some(m) => Some(m.layers.iter().map(|l| l.diff_id).collect()),
+                None => lenient_layers(&path),
+            };
+            out.push(ManifestFile {
+                path,
+                manifest,
+                layers,
+            });
         }
         Ok(out)
     }

@@ -263,6 +263,39 @@ impl Drop for Cleanup {
     }
 }
 
+/// One daemon of its own on the real engine: a unique name, a fresh data
+/// dir and store under `dir`, and the guard that removes what it made.
+pub struct Solo {
+    pub engine: Engine,
+    pub dir: tempfile::TempDir,
+    pub name: String,
+    pub cleanup: Cleanup,
+    pub node: Node,
+}
+
+/// Starts a [`Solo`] node named `<prefix><random>` with extra flags.
+pub async fn solo(prefix: &str, extra: &[&str]) -> Result<Solo> {
+    let engine = Engine::connect().await?;
+    let dir = tempfile::tempdir()?;
+    let name = unique(prefix);
+    let mut cleanup = Cleanup::new();
+    cleanup.nodes.push(name.clone());
+    let node = Node::start(
+        &name,
+        &dir.path().join("node"),
+        &dir.path().join("store"),
+        extra,
+    )
+    .await?;
+    Ok(Solo {
+        engine,
+        dir,
+        name,
+        cleanup,
+        node,
+    })
+}
+
 /// Builds a test image from a demo build context and returns its tag.
 pub async fn build_image(engine: &Engine, tag: &str, image: &DemoImage) -> Result<String> {
     engine
