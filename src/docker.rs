@@ -460,6 +460,37 @@ impl Engine {
         Ok(list.into_iter().filter_map(|c| c.id).collect())
     }
 
+    /// Like [`Engine::env_containers`], with the environment id each
+    /// container's `shoal.env.id` label names (`None` without one).
+    pub async fn env_containers_by_env(
+        &self,
+        node: &str,
+    ) -> Result<Vec<(String, Option<String>)>, DockerError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{}={node}", labels::NODE)],
+        )]);
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(api("list containers"))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let env = c
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(labels::ENV_ID).cloned());
+                Some((c.id?, env))
+            })
+            .collect())
+    }
+
     /// Stops and removes a container. A missing container is not an error.
     pub async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
         match self

@@ -5,15 +5,20 @@
 //! Who owns what:
 //! - The Docker engine is the truth for what runs: each environment's
 //!   container carries its immutable record in labels (`docker::labels`).
-//! - The journal (`<data_dir>/envs/<id>.json`, written temp + fsync +
-//!   rename) keeps what labels cannot: the status, the error, `ready_at`, and
-//!   environments that have no container yet (pending, loading).
+//! - The journal (`journal.rs`: `<data_dir>/envs/<id>.json`, written temp +
+//!   fsync + rename) keeps what labels cannot: the status, the error,
+//!   `ready_at`, environments that have no container yet (pending, loading),
+//!   and tombstones of deleted ones. Every write carries a sequence number
+//!   taken under the state lock with its snapshot, so writes land in order
+//!   and none lands after a delete.
 //! - [`State`] (one `std::sync::Mutex`, never held across an `.await`) holds
 //!   the records and the admission [`Ledger`]: check-and-reserve happens
 //!   under that one lock, so two requests cannot both take the last slot.
 //!
-//! Each environment is driven by one spawned task (`drive`), whose abort
-//! handle is kept so that a delete can stop a load halfway. Nothing here
+//! Each environment is driven by one spawned task (`drive`), whose handle
+//! is kept so that a delete can stop a load halfway and wait until it is
+//! gone. The task is supervised: a panic in it fails the environment with a
+//! reason, frees its room and removes its container. Nothing here
 //! ever restarts or moves a container: after a crash, a container that runs
 //! is adopted as it is, one that stopped is reported failed.
 
@@ -23,14 +28,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use time::OffsetDateTime;
-use tokio::task::AbortHandle;
-use tracing::{info, warn};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
 
 use crate::admission::{Capacity, Ledger, Reservation, Shortage};
 use crate::archive::held_prefix;
 use crate::config::Settings;
 use crate::docker::{labels, ContainerSpec, DockerError, Engine};
+use crate::journal::{Journal, JournalError, TOMBSTONE_KEEP};
 use crate::model::{EnvRecord, EnvSpec, EnvStatus, LoadProgress};
 use crate::store::{ImageRef, Manifest, Store, StoreError};
 
@@ -60,12 +67,47 @@ pub enum EnvError {
     },
 }
 
+impl From<JournalError> for EnvError {
+    fn from(e: JournalError) -> Self {
+        EnvError::Journal {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
+/// A fault-injection hook: called with the record concerned.
+pub type Hook = Arc<dyn Fn(&EnvRecord) + Send + Sync>;
+
+/// Faults a test injects into real code paths (none in production).
+#[derive(Default, Clone)]
+pub struct Faults {
+    /// Called after a record's journal snapshot was taken and before it is
+    /// written (outside the state lock): lets a test interleave writes.
+    pub before_journal_write: Option<Hook>,
+    /// Called at the start of every environment task (drive, recovery
+    /// watcher): lets a test make one panic.
+    pub in_task: Option<Hook>,
+}
+
 /// Records and reservations, behind one lock (see the module header).
 #[derive(Default)]
 struct State {
     envs: BTreeMap<String, EnvRecord>,
     ledger: Ledger,
-    tasks: HashMap<String, AbortHandle>,
+    /// The task driving each environment still on its way to ready.
+    tasks: HashMap<String, JoinHandle<()>>,
+    /// Journal sequence, bumped with every snapshot taken for the journal.
+    seq: u64,
+}
+
+impl State {
+    /// A record's snapshot for the journal, with its sequence number.
+    fn snapshot(&mut self, id: &str) -> Option<(EnvRecord, u64)> {
+        let rec = self.envs.get(id)?.clone();
+        self.seq += 1;
+        Some((rec, self.seq))
+    }
 }
 
 /// The environments of this node.
@@ -73,7 +115,7 @@ pub struct Envs {
     settings: Settings,
     engine: Engine,
     store: Store,
-    journal_dir: PathBuf,
+    journal: Journal,
     state: Mutex<State>,
     /// One load at a time per image, so two environments of a new build do
     /// not both stream its layers: the second finds them held.
@@ -89,6 +131,10 @@ pub struct Envs {
     /// number of readers (event streams, the reaper, the mail watcher) see
     /// every change without taking the publisher's single wake-up.
     version: tokio::sync::watch::Sender<u64>,
+    /// Injected faults (tests); held only to clone a hook out.
+    faults: Mutex<Faults>,
+    /// When old tombstones were last dropped.
+    journal_pruned: Mutex<Instant>,
 }
 
 fn new_id() -> String {
@@ -112,24 +158,23 @@ impl Envs {
         engine: Engine,
         store: Store,
     ) -> Result<Arc<Envs>, EnvError> {
-        let journal_dir = settings.data_dir.join("envs");
-        std::fs::create_dir_all(&journal_dir).map_err(|source| EnvError::Journal {
-            path: journal_dir.clone(),
-            source,
-        })?;
+        let journal = Journal::open(settings.data_dir.join("envs"))?;
         let envs = Arc::new(Envs {
             settings,
             engine,
             store,
-            journal_dir,
+            journal,
             state: Mutex::new(State::default()),
             image_locks: Mutex::default(),
             last_load_bps: Mutex::new(None),
             draining: Default::default(),
             changed: Default::default(),
             version: tokio::sync::watch::channel(0).0,
+            faults: Mutex::default(),
+            journal_pruned: Mutex::new(Instant::now()),
         });
         let mut journal = envs.read_journal();
+        let deleted = envs.journal.tombstones();
         let mut watch = Vec::new();
         for cid in envs.engine.env_containers(&envs.settings.name).await? {
             let Some(c) = envs.engine.container(&cid).await? else {
@@ -138,6 +183,13 @@ impl Envs {
             let Some(id) = c.labels.get(labels::ENV_ID).cloned() else {
                 continue;
             };
+            if deleted.contains(&id) {
+                // Created by the engine after the environment was deleted
+                // (the create was already on its way): never adopted.
+                warn!(env = %id, container = %cid, "container of a deleted environment removed");
+                envs.engine.remove_container(&cid).await?;
+                continue;
+            }
             let mut rec = match journal.remove(&id) {
                 Some(r) => r,
                 None => match record_from_labels(&c.labels, &envs.settings.name) {
@@ -178,13 +230,9 @@ impl Envs {
         for id in watch {
             let me = envs.clone();
             let id2 = id.clone();
-            let handle = tokio::spawn(async move { me.await_ready_or_fail(&id2).await });
-            envs.state
-                .lock()
-                .unwrap()
-                .tasks
-                .insert(id, handle.abort_handle());
+            envs.spawn_task(&id, async move { me.await_ready_or_fail(&id2).await });
         }
+        envs.journal.prune_tombstones(TOMBSTONE_KEEP);
         let n = envs.state.lock().unwrap().envs.len();
         info!(node = %envs.settings.name, environments = n, "environments recovered");
         Ok(envs)
@@ -208,10 +256,18 @@ impl Envs {
                 },
             );
         }
-        if let Err(e) = self.write_journal(&rec) {
+        st.envs.insert(rec.id.clone(), rec.clone());
+        st.seq += 1;
+        let seq = st.seq;
+        drop(st);
+        if let Err(e) = self.write_journal(&rec, seq) {
             warn!(env = %rec.id, error = %e, "journal write failed");
         }
-        st.envs.insert(rec.id.clone(), rec);
+    }
+
+    /// Installs fault-injection hooks (tests).
+    pub fn set_faults(&self, faults: Faults) {
+        *self.faults.lock().unwrap() = faults;
     }
 
     pub fn settings(&self) -> &Settings {
@@ -327,7 +383,7 @@ impl Envs {
             container: None,
             expires_at: Some(expires_at),
         };
-        {
+        let seq = {
             let mut st = self.state.lock().unwrap();
             st.ledger
                 .reserve(&id, spec.memory, spec.aio, &cap)
@@ -336,9 +392,11 @@ impl Envs {
                     shortage,
                 })?;
             st.envs.insert(id.clone(), rec.clone());
-        }
+            st.seq += 1;
+            st.seq
+        };
         self.notify();
-        if let Err(e) = self.write_journal(&rec) {
+        if let Err(e) = self.write_journal(&rec, seq) {
             let mut st = self.state.lock().unwrap();
             st.ledger.release(&id);
             st.envs.remove(&id);
@@ -347,12 +405,7 @@ impl Envs {
         info!(env = %id, image = %spec.image, owner = %spec.owner, memory = spec.memory, aio = spec.aio, "environment admitted");
         let me = self.clone();
         let id2 = id.clone();
-        let handle = tokio::spawn(async move { me.drive(&id2, manifest).await });
-        self.state
-            .lock()
-            .unwrap()
-            .tasks
-            .insert(id, handle.abort_handle());
+        self.spawn_task(&id, async move { me.drive(&id2, manifest).await });
         Ok(rec)
     }
 
@@ -370,11 +423,12 @@ impl Envs {
     /// Pushes an environment's expiry back by `by`, never past `max_ttl`
     /// from now (the refusal names the limit). Journaled before it returns.
     pub fn extend(&self, id: &str, by: Duration) -> Result<EnvRecord, EnvError> {
-        let rec = {
+        let (rec, seq) = {
             let mut st = self.state.lock().unwrap();
             let rec = st
                 .envs
                 .get_mut(id)
+                .filter(|r| r.status != EnvStatus::Deleted)
                 .ok_or_else(|| EnvError::NotFound(id.to_string()))?;
             let now = now_s();
             let current = rec.expires_at.unwrap_or(now);
@@ -384,50 +438,133 @@ impl Envs {
                 now,
                 self.settings.max_ttl,
             )?);
-            rec.clone()
+            let rec = rec.clone();
+            st.seq += 1;
+            (rec, st.seq)
         };
-        self.write_journal(&rec)?;
+        self.write_journal(&rec, seq)?;
         self.notify();
         info!(env = %id, owner = %rec.owner, by = %crate::units::format_duration(by), expires_at = ?rec.expires_at, "reservation extended");
         Ok(rec)
     }
 
-    /// Deletes an environment: stops its task (a load stops halfway), removes
-    /// its container, frees its room and forgets it. Returns the last record
-    /// with status `deleted`.
+    /// Deletes an environment: stops its task (a load stops halfway) and
+    /// waits until it is gone, writes its tombstone, removes every container
+    /// of it, frees its room and forgets it. Returns the last record with
+    /// status `deleted`.
     pub async fn delete(&self, id: &str) -> Result<EnvRecord, EnvError> {
-        let (mut rec, task) = {
+        let rec = self.delete_if(id, |_| true, |_| {}).await?;
+        rec.ok_or_else(|| EnvError::NotFound(id.to_string()))
+    }
+
+    /// Deletes an environment if `still` holds for its record, checked under
+    /// the state lock at the moment the delete is decided (the reaper's
+    /// "still expired?"); from then on its record shows `deleted` and
+    /// refuses extensions. `on_claimed` runs once it is decided, before the
+    /// container goes. `Ok(None)`: `still` said no, nothing changed.
+    pub async fn delete_if(
+        &self,
+        id: &str,
+        still: impl FnOnce(&EnvRecord) -> bool,
+        on_claimed: impl FnOnce(&EnvRecord),
+    ) -> Result<Option<EnvRecord>, EnvError> {
+        let (rec, task) = {
             let mut st = self.state.lock().unwrap();
             let rec = st
                 .envs
-                .get(id)
-                .cloned()
+                .get_mut(id)
                 .ok_or_else(|| EnvError::NotFound(id.to_string()))?;
+            if !still(rec) {
+                return Ok(None);
+            }
+            // The drive task's updates and finish leave a deleted record
+            // alone; an extension is refused.
+            rec.status = EnvStatus::Deleted;
+            let rec = rec.clone();
             (rec, st.tasks.remove(id))
         };
+        on_claimed(&rec);
+        self.notify();
+        // The tombstone first: whatever happens next, no restart adopts a
+        // container of it, and no stale write brings the record back.
+        let journal = self.journal.tombstone(id);
+        if let Err(e) = &journal {
+            warn!(env = %id, error = %e, "writing the tombstone failed");
+        }
         if let Some(t) = task {
             t.abort();
+            // Until it is gone: it may be between two awaits right now.
+            let _ = t.await;
         }
-        // By name, so a container created just before the abort goes too.
-        self.engine.remove_container(&container_name(id)).await?;
-        if let Some(cid) = &rec.container {
-            self.engine.remove_container(cid).await?;
-        }
+        // A container created just before the abort goes too; one the
+        // engine creates even later is swept by `reconcile`.
+        self.remove_containers_of(id, rec.container.as_deref())
+            .await?;
         {
             let mut st = self.state.lock().unwrap();
             st.ledger.release(id);
             st.envs.remove(id);
         }
-        let path = self.journal_path(id);
-        if let Err(e) = std::fs::remove_file(&path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(EnvError::Journal { path, source: e });
+        self.notify();
+        journal?;
+        info!(env = %id, "environment deleted");
+        Ok(Some(rec))
+    }
+
+    /// Removes every container of environment `id`: by its label, by its
+    /// name and by the id on record.
+    async fn remove_containers_of(&self, id: &str, recorded: Option<&str>) -> Result<(), EnvError> {
+        let mut doomed: Vec<String> = self
+            .engine
+            .env_containers_by_env(&self.settings.name)
+            .await?
+            .into_iter()
+            .filter(|(_, env)| env.as_deref() == Some(id))
+            .map(|(cid, _)| cid)
+            .collect();
+        doomed.push(container_name(id));
+        doomed.extend(recorded.map(String::from));
+        for cid in doomed {
+            self.engine.remove_container(&cid).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes containers labelled as environments of this node that no
+    /// record owns: created by the engine after their environment was
+    /// deleted (or after it failed before it had a container). Returns how
+    /// many.
+    async fn sweep_orphans(&self) -> usize {
+        let list = match self.engine.env_containers_by_env(&self.settings.name).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "reconcile: cannot list containers");
+                return 0;
+            }
+        };
+        let mut removed = 0;
+        for (cid, env) in list {
+            let Some(env) = env else { continue };
+            let owned = {
+                let st = self.state.lock().unwrap();
+                st.envs.get(&env).is_some_and(|r| {
+                    r.status != EnvStatus::Failed || r.container.as_deref() == Some(cid.as_str())
+                })
+            };
+            if owned {
+                continue;
+            }
+            match self.engine.remove_container(&cid).await {
+                Ok(()) => {
+                    warn!(env = %env, container = %cid, "orphan container removed");
+                    removed += 1;
+                }
+                Err(e) => {
+                    warn!(env = %env, container = %cid, error = %e, "cannot remove orphan container")
+                }
             }
         }
-        rec.status = EnvStatus::Deleted;
-        self.notify();
-        info!(env = %id, "environment deleted");
-        Ok(rec)
+        removed
     }
 
     /// Checks that environments said to run still do, and fails (and frees
@@ -458,7 +595,50 @@ impl Envs {
             self.finish(&id, Err(reason));
             changed += 1;
         }
+        changed += self.sweep_orphans().await;
+        if self.journal_pruned.lock().unwrap().elapsed() > Duration::from_secs(3600) {
+            *self.journal_pruned.lock().unwrap() = Instant::now();
+            self.journal.prune_tombstones(TOMBSTONE_KEEP);
+        }
         changed
+    }
+
+    /// Spawns the task of environment `id`, supervised: a panic in it fails
+    /// the environment with the panic's message, frees its room and removes
+    /// its container. Not spawned when the environment is already gone.
+    fn spawn_task(
+        self: &Arc<Self>,
+        id: &str,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let me = self.clone();
+        let id2 = id.to_string();
+        let supervised = async move {
+            let hook = me.faults.lock().unwrap().in_task.clone();
+            let (me2, id3) = (me.clone(), id2.clone());
+            let work = async move {
+                if let (Some(hook), Some(rec)) = (hook, me2.get(&id3)) {
+                    hook(&rec);
+                }
+                work.await
+            };
+            if let Err(panic) = std::panic::AssertUnwindSafe(work).catch_unwind().await {
+                let msg = crate::workers::panic_message(&*panic);
+                error!(env = %id2, error = %msg, "environment task panicked");
+                if let Err(e) = me.remove_containers_of(&id2, None).await {
+                    warn!(env = %id2, error = %e, "cannot remove the container of a failed environment");
+                }
+                me.finish(&id2, Err(format!("internal error: {msg}")));
+            }
+        };
+        let mut st = self.state.lock().unwrap();
+        if st
+            .envs
+            .get(id)
+            .is_some_and(|r| r.status != EnvStatus::Deleted)
+        {
+            st.tasks.insert(id.to_string(), tokio::spawn(supervised));
+        }
     }
 
     /// The whole life of a new environment, from pending to ready or failed.
@@ -533,6 +713,7 @@ impl Envs {
     async fn start(&self, id: &str, m: &Manifest) -> Result<(), EnvError> {
         let rec = self
             .get(id)
+            .filter(|r| r.status != EnvStatus::Deleted)
             .ok_or_else(|| EnvError::NotFound(id.to_string()))?;
         self.update(id, |r| r.status = EnvStatus::Starting);
         let mut env = rec.env.clone();
@@ -674,7 +855,11 @@ impl Envs {
     fn finish(&self, id: &str, outcome: Result<(), String>) {
         let mut st = self.state.lock().unwrap();
         st.tasks.remove(id);
-        let Some(rec) = st.envs.get_mut(id) else {
+        let Some(rec) = st
+            .envs
+            .get_mut(id)
+            .filter(|r| r.status != EnvStatus::Deleted)
+        else {
             return;
         };
         match outcome {
@@ -688,71 +873,64 @@ impl Envs {
                 rec.error = Some(reason);
             }
         }
-        let rec = rec.clone();
-        if rec.status == EnvStatus::Failed {
+        let failed = rec.status == EnvStatus::Failed;
+        if failed {
             st.ledger.release(id);
         }
+        let snap = st.snapshot(id);
         drop(st);
         self.notify();
-        if let Err(e) = self.write_journal(&rec) {
-            warn!(env = %id, error = %e, "journal write failed");
-        }
-    }
-
-    /// Changes a record in place and journals it.
-    fn update(&self, id: &str, f: impl FnOnce(&mut EnvRecord)) {
-        let rec = {
-            let mut st = self.state.lock().unwrap();
-            let Some(rec) = st.envs.get_mut(id) else {
-                return;
-            };
-            let before = rec.status;
-            f(rec);
-            // Progress alone is not worth an fsync.
-            (rec.status != before || rec.container.is_some()).then(|| rec.clone())
-        };
-        if let Some(rec) = rec {
-            self.notify();
-            if let Err(e) = self.write_journal(&rec) {
+        if let Some((rec, seq)) = snap {
+            if let Err(e) = self.write_journal(&rec, seq) {
                 warn!(env = %id, error = %e, "journal write failed");
             }
         }
     }
 
-    fn journal_path(&self, id: &str) -> PathBuf {
-        self.journal_dir.join(format!("{id}.json"))
+    /// Changes a record in place and journals it.
+    fn update(&self, id: &str, f: impl FnOnce(&mut EnvRecord)) {
+        let snap = {
+            let mut st = self.state.lock().unwrap();
+            let Some(rec) = st
+                .envs
+                .get_mut(id)
+                .filter(|r| r.status != EnvStatus::Deleted)
+            else {
+                return;
+            };
+            let before = rec.status;
+            f(rec);
+            // Progress alone is not worth an fsync.
+            let worth = rec.status != before || rec.container.is_some();
+            if worth {
+                st.snapshot(id)
+            } else {
+                None
+            }
+        };
+        if let Some((rec, seq)) = snap {
+            self.notify();
+            if let Err(e) = self.write_journal(&rec, seq) {
+                warn!(env = %id, error = %e, "journal write failed");
+            }
+        }
     }
 
-    fn write_journal(&self, rec: &EnvRecord) -> Result<(), EnvError> {
-        let path = self.journal_path(&rec.id);
-        let data = serde_json::to_vec_pretty(rec).expect("records serialize");
-        write_atomic(&path, &data).map_err(|source| EnvError::Journal { path, source })
+    /// Writes a snapshot taken under the state lock as of `seq`; a write
+    /// overtaken by a newer one (or by the delete) is dropped.
+    fn write_journal(&self, rec: &EnvRecord, seq: u64) -> Result<(), EnvError> {
+        let hook = self.faults.lock().unwrap().before_journal_write.clone();
+        if let Some(hook) = hook {
+            hook(rec);
+        }
+        if !self.journal.write(rec, seq)? {
+            info!(env = %rec.id, "journal write overtaken by a newer one: dropped");
+        }
+        Ok(())
     }
 
     fn read_journal(&self) -> BTreeMap<String, EnvRecord> {
-        let mut out = BTreeMap::new();
-        let Ok(dir) = std::fs::read_dir(&self.journal_dir) else {
-            return out;
-        };
-        for entry in dir.flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                // Leftover temp file of a write that did not finish.
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            match std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<EnvRecord>(&b).ok())
-            {
-                Some(r) if r.node == self.settings.name => {
-                    out.insert(r.id.clone(), r);
-                }
-                Some(_) => {}
-                None => warn!(path = %path.display(), "unreadable journal entry skipped"),
-            }
-        }
-        out
+        self.journal.read(&self.settings.name)
     }
 }
 
@@ -844,5 +1022,212 @@ impl ProgressSink {
             // Watchers only: progress is not worth a gossip round or an fsync.
             envs.version.send_modify(|v| *v += 1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// An `Envs` on the real engine under a node name of its own (no
+    /// container carries it), with its data dir and store in `dir`.
+    async fn test_envs(dir: &Path) -> Arc<Envs> {
+        let settings = crate::config::Config {
+            name: Some(format!("t{}", new_id())),
+            data_dir: Some(dir.join("data")),
+            store: Some(dir.join("store")),
+            ..Default::default()
+        }
+        .resolve(8 << 30, "h")
+        .unwrap();
+        let engine = Engine::connect().await.expect("the docker engine");
+        let store = Store::open(&settings.store).unwrap();
+        Envs::recover(settings, engine, store).await.unwrap()
+    }
+
+    /// Recovers the same node again (a restart after kill -9).
+    async fn restart(envs: &Envs) -> Arc<Envs> {
+        Envs::recover(
+            envs.settings().clone(),
+            envs.engine().clone(),
+            envs.store().clone(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn ready(envs: &Envs, id: &str) -> EnvRecord {
+        EnvRecord {
+            id: id.into(),
+            image: "demo:1".parse().unwrap(),
+            owner: "o@example.com".into(),
+            node: envs.settings().name.clone(),
+            status: EnvStatus::Ready,
+            error: None,
+            memory: 1 << 20,
+            aio: 0,
+            env: Default::default(),
+            created_at: now_s(),
+            ready_at: Some(now_s()),
+            endpoints: vec![],
+            load: Default::default(),
+            container: None,
+            expires_at: Some(now_s() + time::Duration::hours(1)),
+        }
+    }
+
+    /// A hook that blocks the first write of `id` until `go` is sent, and
+    /// says when it got there.
+    fn block_first_write(
+        id: &str,
+    ) -> (
+        Hook,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (reached_tx, reached) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = Mutex::new(go_rx);
+        let armed = AtomicBool::new(true);
+        let id = id.to_string();
+        let hook: Hook = Arc::new(move |rec: &EnvRecord| {
+            if rec.id == id && armed.swap(false, Ordering::SeqCst) {
+                let _ = reached_tx.send(());
+                let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(30));
+            }
+        });
+        (hook, reached, go)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journal_write_overtaken_by_a_delete_never_resurrects_the_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let envs = test_envs(tmp.path()).await;
+        let id = "0123456789ab";
+        envs.adopt(ready(&envs, id));
+        let (hook, reached, go) = block_first_write(id);
+        envs.set_faults(Faults {
+            before_journal_write: Some(hook),
+            ..Default::default()
+        });
+        // An extension takes its snapshot, then its write stalls; the delete
+        // runs to the end meanwhile; then the stale write goes on.
+        let e2 = envs.clone();
+        let ext = std::thread::spawn(move || e2.extend(id, Duration::from_secs(3600)).is_ok());
+        reached.recv_timeout(Duration::from_secs(10)).unwrap();
+        envs.delete(id).await.unwrap();
+        go.send(()).unwrap();
+        ext.join().unwrap();
+        assert!(envs.get(id).is_none());
+        assert!(
+            !envs.read_journal().contains_key(id),
+            "a stale write put the deleted record back in the journal"
+        );
+        let again = restart(&envs).await;
+        assert!(again.get(id).is_none(), "the deleted environment came back");
+    }
+
+    /// A one-layer image published straight into the node's store.
+    fn tiny_manifest(envs: &Envs) -> Manifest {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "f", &b"hi"[..]).unwrap();
+        let tars = vec![b.into_inner().unwrap()];
+        let config = crate::store::tests::config_for(&tars, "16MiB");
+        let save = crate::store::tests::oci_save(&config, &tars, "x:1");
+        envs.store()
+            .publish_derived(
+                &save[..],
+                &"tiny:1".parse().unwrap(),
+                &Default::default(),
+                None,
+            )
+            .unwrap()
+            .0
+    }
+
+    async fn settled(envs: &Envs, id: &str) -> EnvRecord {
+        for _ in 0..200 {
+            let r = envs.get(id).unwrap();
+            if !matches!(
+                r.status,
+                EnvStatus::Pending | EnvStatus::Loading | EnvStatus::Starting
+            ) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{id} never settled: {:?}", envs.get(id));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_in_an_environment_task_fails_it_and_frees_its_room() {
+        let tmp = tempfile::tempdir().unwrap();
+        let envs = test_envs(tmp.path()).await;
+        let m = tiny_manifest(&envs);
+        envs.set_faults(Faults {
+            in_task: Some(Arc::new(|_: &EnvRecord| panic!("injected fault"))),
+            ..Default::default()
+        });
+        let spec = EnvSpec {
+            image: m.image_ref(),
+            owner: "o@example.com".into(),
+            memory: 16 << 20,
+            aio: 0,
+            env: Default::default(),
+            ttl: None,
+        };
+        let rec = envs.create(spec, m).unwrap();
+        let after = settled(&envs, &rec.id).await;
+        assert_eq!(after.status, EnvStatus::Failed);
+        let why = after.error.unwrap_or_default();
+        assert!(
+            why.contains("internal error") && why.contains("injected fault"),
+            "{why}"
+        );
+        assert_eq!(envs.committed().envs, 0, "the panic kept its reservation");
+        // The journal says so too: a restart does not bring it back pending.
+        let again = restart(&envs).await;
+        assert_eq!(again.get(&rec.id).unwrap().status, EnvStatus::Failed);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reapers_delete_rechecks_and_an_extension_after_it_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let envs = test_envs(tmp.path()).await;
+        let id = "ba9876543210";
+        let mut r = ready(&envs, id);
+        r.expires_at = Some(now_s() - time::Duration::minutes(1));
+        envs.adopt(r);
+        // Extended after the reaper's snapshot: the delete finds it not due.
+        envs.extend(id, Duration::from_secs(3600)).unwrap();
+        let due = |r: &EnvRecord| crate::reaper::is_due(r, now_s());
+        let kept = envs
+            .delete_if(id, due, |_| panic!("not claimed"))
+            .await
+            .unwrap();
+        assert!(kept.is_none());
+        assert_eq!(envs.get(id).unwrap().status, EnvStatus::Ready);
+        // Once a delete is decided, an extension is refused, not lost.
+        let e2 = envs.clone();
+        let gone = envs
+            .delete_if(
+                id,
+                |_| true,
+                move |_| {
+                    assert!(matches!(
+                        e2.extend(id, Duration::from_secs(60)),
+                        Err(EnvError::NotFound(_))
+                    ));
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(gone.unwrap().status, EnvStatus::Deleted);
+        assert!(envs.get(id).is_none());
     }
 }

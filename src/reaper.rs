@@ -90,13 +90,14 @@ pub fn extend(
 /// The environments whose reservation has ended at `now`, oldest expiry
 /// first.
 pub fn due(records: &[EnvRecord], now: OffsetDateTime) -> Vec<EnvRecord> {
-    let mut v: Vec<EnvRecord> = records
-        .iter()
-        .filter(|r| r.expires_at.is_some_and(|e| e <= now))
-        .cloned()
-        .collect();
+    let mut v: Vec<EnvRecord> = records.iter().filter(|r| is_due(r, now)).cloned().collect();
     v.sort_by_key(|r| r.expires_at);
     v
+}
+
+/// Whether the reservation of `rec` has ended at `now`.
+pub fn is_due(rec: &EnvRecord, now: OffsetDateTime) -> bool {
+    rec.expires_at.is_some_and(|e| e <= now)
 }
 
 /// The next expiry after `now`, if any.
@@ -111,8 +112,15 @@ pub fn next_due(records: &[EnvRecord], now: OffsetDateTime) -> Option<OffsetDate
 /// What the reaper works on: the records of one node.
 pub trait Target: Send + Sync {
     fn records(&self) -> Vec<EnvRecord>;
-    /// Deletes an expired environment (and says so to its owner).
-    fn expire(&self, rec: EnvRecord) -> impl Future<Output = Result<(), String>> + Send;
+    /// Deletes environment `id` (and says so to its owner) if its
+    /// reservation is still over at `now`: re-checked with [`is_due`] under
+    /// the target's own lock at delete time, so an extension made since the
+    /// loop's snapshot wins. `Ok(false)`: kept (extended, or already gone).
+    fn expire_if_due(
+        &self,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<bool, String>> + Send;
     /// Changes to the records (a new environment, an extension).
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
 }
@@ -149,11 +157,19 @@ pub async fn run<T: Target>(target: T, now: impl Fn() -> OffsetDateTime + Send) 
         let records = target.records();
         let mut failed = false;
         for rec in due(&records, t) {
-            let (id, owner) = (rec.id.clone(), rec.owner.clone());
-            info!(env = %id, owner = %owner, expires_at = ?rec.expires_at, "reservation ended: deleting");
-            if let Err(e) = target.expire(rec).await {
-                warn!(env = %id, error = %e, "reaper could not delete the environment");
-                failed = true;
+            // The snapshot may be stale by now (an earlier delete took a
+            // while): the target re-checks at the time of the delete.
+            match target.expire_if_due(&rec.id, now()).await {
+                Ok(true) => {
+                    info!(env = %rec.id, owner = %rec.owner, expires_at = ?rec.expires_at, "reservation ended: deleted")
+                }
+                Ok(false) => {
+                    info!(env = %rec.id, "reservation extended or environment gone meanwhile: kept")
+                }
+                Err(e) => {
+                    warn!(env = %rec.id, error = %e, "reaper could not delete the environment");
+                    failed = true;
+                }
             }
         }
         let t = now();
@@ -184,11 +200,21 @@ impl Target for EnvsTarget {
         self.envs.list()
     }
 
-    async fn expire(&self, rec: EnvRecord) -> Result<(), String> {
-        self.mail.event(crate::mail::Event::Expired, &rec);
-        match self.envs.delete(&rec.id).await {
-            Ok(_) => Ok(()),
-            Err(crate::envs::EnvError::NotFound(_)) => Ok(()),
+    async fn expire_if_due(&self, id: &str, now: OffsetDateTime) -> Result<bool, String> {
+        // The mail is queued once the delete is decided, before the
+        // container goes.
+        let mail = &self.mail;
+        let deleted = self
+            .envs
+            .delete_if(
+                id,
+                |r| r.status != crate::model::EnvStatus::Deleted && is_due(r, now),
+                |r| mail.event(crate::mail::Event::Expired, r),
+            )
+            .await;
+        match deleted {
+            Ok(d) => Ok(d.is_some()),
+            Err(crate::envs::EnvError::NotFound(_)) => Ok(false),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -292,6 +318,8 @@ mod tests {
         expired: Arc<Mutex<Vec<(String, OffsetDateTime)>>>,
         tx: Arc<tokio::sync::watch::Sender<u64>>,
         clock: TokioClock,
+        /// Deletes that take this long (a slow engine), by id.
+        slow: Arc<Mutex<Vec<(String, Duration)>>>,
     }
 
     impl Fake {
@@ -301,6 +329,7 @@ mod tests {
                 expired: Arc::default(),
                 tx: Arc::new(tokio::sync::watch::channel(0).0),
                 clock,
+                slow: Arc::default(),
             }
         }
         fn change(&self, f: impl FnOnce(&mut Vec<EnvRecord>)) {
@@ -321,13 +350,31 @@ mod tests {
         fn records(&self) -> Vec<EnvRecord> {
             self.recs.lock().unwrap().clone()
         }
-        async fn expire(&self, rec: EnvRecord) -> Result<(), String> {
-            self.recs.lock().unwrap().retain(|r| r.id != rec.id);
+        /// Like the real target: the re-check and the removal under one
+        /// lock, then the slow part (the engine) outside it.
+        async fn expire_if_due(&self, id: &str, now: OffsetDateTime) -> Result<bool, String> {
+            {
+                let mut recs = self.recs.lock().unwrap();
+                if !recs.iter().any(|r| r.id == id && is_due(r, now)) {
+                    return Ok(false);
+                }
+                recs.retain(|r| r.id != id);
+            }
+            let slow = self
+                .slow
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(i, _)| i == id)
+                .map(|(_, d)| *d);
+            if let Some(d) = slow {
+                tokio::time::sleep(d).await;
+            }
             self.expired
                 .lock()
                 .unwrap()
-                .push((rec.id, self.clock.now()));
-            Ok(())
+                .push((id.to_string(), self.clock.now()));
+            Ok(true)
         }
         fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
             self.tx.subscribe()
@@ -445,6 +492,52 @@ mod tests {
             fake.expired.lock().unwrap()[0].1,
             t0,
             "at once, no time passed"
+        );
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_extension_made_while_the_reaper_deletes_another_is_kept() {
+        // `a` and `b` end at the same time; deleting `a` takes a minute (a
+        // slow engine), and `b` is extended by 4h during that minute.
+        let t0 = datetime!(2025-01-01 0:00 UTC);
+        let clock = TokioClock::start_at(t0);
+        let end = t0 + time::Duration::hours(1);
+        let fake = Fake::new(clock, vec![rec("a", Some(end)), rec("b", Some(end))]);
+        fake.slow
+            .lock()
+            .unwrap()
+            .push(("a".into(), Duration::from_secs(60)));
+        let task = tokio::spawn(run(fake.clone(), move || clock.now()));
+        settle().await;
+        tokio::time::sleep(Duration::from_secs(H)).await;
+        settle().await;
+        // The reaper took its snapshot and is busy deleting `a`.
+        assert!(fake.expired().is_empty());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let max = Duration::from_secs(99 * H);
+        fake.change(|v| {
+            let r = v.iter_mut().find(|r| r.id == "b").unwrap();
+            r.expires_at = Some(
+                extend(
+                    r.expires_at.unwrap(),
+                    Duration::from_secs(4 * H),
+                    clock.now(),
+                    max,
+                )
+                .unwrap(),
+            );
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        settle().await;
+        assert_eq!(fake.expired(), ["a"], "the extended one was deleted");
+        // `b` goes at its new expiry.
+        tokio::time::sleep(Duration::from_secs(4 * H)).await;
+        settle().await;
+        assert_eq!(fake.expired(), ["a", "b"]);
+        assert_eq!(
+            fake.expired.lock().unwrap()[1].1,
+            t0 + time::Duration::hours(1) + time::Duration::seconds(10) + time::Duration::hours(4)
         );
         task.abort();
     }

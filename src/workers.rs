@@ -12,6 +12,15 @@ use time::OffsetDateTime;
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::error;
 
+/// The message a panic carried (`panic!("...")`), or "panicked".
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
+}
+
 /// Where a worker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -67,12 +76,7 @@ impl Workers {
                 Ok(()) => (WorkerState::Stopped, None),
                 Err(e) if e.is_cancelled() => (WorkerState::Stopped, None),
                 Err(e) => {
-                    let panic = e.into_panic();
-                    let msg = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "panicked".into());
+                    let msg = panic_message(&*e.into_panic());
                     error!(worker = %name, error = %msg, "worker failed");
                     (WorkerState::Failed, Some(msg))
                 }
