@@ -590,3 +590,129 @@ async fn a_start_that_is_not_ready_in_time_fails_and_is_removed() -> Result<()> 
     assert_eq!(info["env_count"], 0);
     Ok(())
 }
+
+/// What the engine does when a create was already on its way as the
+/// environment was deleted: a container with the environment's labels
+/// appears afterwards (`docker create`, as the engine would).
+fn late_container(node: &str, id: &str, image: &str, tag: &str) -> Result<String> {
+    use shoal::docker::labels;
+    let label = |k: &str, v: &str| format!("--label={k}={v}");
+    let out = std::process::Command::new("docker")
+        .args([
+            "create".to_string(),
+            format!("--name=shoal-{id}"),
+            label(labels::NODE, node),
+            label(labels::ENV_ID, id),
+            label(labels::OWNER, "a@example.com"),
+            label(labels::IMAGE, image),
+            label(labels::MEMORY, "67108864"),
+            label(labels::AIO, "0"),
+            label(labels::CREATED_AT, "2026-01-01T00:00:00Z"),
+            tag.to_string(),
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "docker create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// The containers of node `node` labelled with one of `ids`.
+async fn containers_of(engine: &Engine, node: &str, ids: &[String]) -> Result<Vec<String>> {
+    Ok(engine
+        .env_containers_by_env(node)
+        .await?
+        .into_iter()
+        .filter(|(_, env)| env.as_ref().is_some_and(|e| ids.contains(e)))
+        .map(|(c, _)| c)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_racing_the_create_leaves_no_container_even_after_a_restart() -> Result<()> {
+    let Solo {
+        dir: _tmp,
+        engine,
+        name,
+        mut cleanup,
+        mut node,
+    } = solo("n", &[]).await?;
+    let r = format!("{}-race:1", unique("t"));
+    // Big enough that the first load takes a moment.
+    let img = DemoImage {
+        extra_files: vec![("/blob".into(), random_bytes(24 << 20))],
+        ..Default::default()
+    };
+    publish_one(&node, &engine, &r, &img, &mut cleanup).await?;
+    let tag = format!("shoal/{r}");
+    let request = || node.request_env(json!({"image": r, "owner": "a@example.com"}));
+
+    // Deletes at every stage: pending, loading, starting, ready.
+    let mut deleted = Vec::new();
+    for delay_ms in [0u64, 30, 100, 250, 600, 1500, 3000] {
+        let (code, body) = request().await?;
+        assert_eq!(code, 202, "{body}");
+        let id = body["id"].as_str().unwrap().to_string();
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        let (code, body) = raw(
+            &node.client,
+            "DELETE",
+            &format!("/v1/environments/{id}"),
+            None,
+        )
+        .await?;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["status"], "deleted");
+        deleted.push(id);
+    }
+    // Nothing of them runs or waits in the engine (the reconcile worker
+    // sweeps whatever the engine finished creating late).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !containers_of(&engine, &name, &deleted).await?.is_empty() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "containers of deleted environments remain: {:?}",
+            containers_of(&engine, &name, &deleted).await?
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let info: Value = node.client.get("/v1/node").await?;
+    assert_eq!(info["env_count"], 0, "{info}");
+
+    // A create the engine finishes after the delete, while the node runs:
+    // swept.
+    late_container(&name, &deleted[0], &r, &tag)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !containers_of(&engine, &name, &deleted[..1])
+        .await?
+        .is_empty()
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the late container of a deleted environment was never removed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+
+    // The same just before a kill -9: the restarted node does not adopt it.
+    late_container(&name, &deleted[1], &r, &tag)?;
+    node.kill();
+    node.spawn().await?;
+    let (code, body) = raw(
+        &node.client,
+        "GET",
+        &format!("/v1/environments/{}", deleted[1]),
+        None,
+    )
+    .await?;
+    assert_eq!(code, 404, "the deleted environment came back: {body}");
+    let list: Vec<EnvRecord> = node.client.get("/v1/environments").await?;
+    assert!(list.iter().all(|e| !deleted.contains(&e.id)), "{list:?}");
+    assert!(
+        containers_of(&engine, &name, &deleted).await?.is_empty(),
+        "recovery adopted or kept a container of a deleted environment"
+    );
+    Ok(())
+}
