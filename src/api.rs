@@ -39,7 +39,7 @@ use tracing::{info, warn};
 use crate::docker::EngineInfo;
 use crate::envs::{EnvError, Envs};
 use crate::model::{EnvRequest, ErrorBody, FieldError, ImageInfo, NodeInfo, PublishRequest};
-use crate::routing::{Cluster, Forwarded, RouteError, DEADLINE_HEADER, LOCAL_HEADER};
+use crate::routing::{Cluster, Forwarded, RouteError, BUDGET_HEADER, LOCAL_HEADER};
 use crate::store::{ImageRef, PublishHint, StoreError};
 
 /// Largest request body accepted.
@@ -386,18 +386,25 @@ async fn create_env(
     headers: HeaderMap,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    // When this node read the request, and how long it may have waited
+    // unread before (the node was frozen or starved).
+    let read_at = tokio::time::Instant::now();
+    let stalled = s.cluster.stalled(read_at);
     let (body, req, manifest, spec) = env_request(&s, req).await?;
     if !is_local(&headers) {
         return Ok(passthrough(
             s.cluster.create(&body, &req, spec, manifest).await?,
         ));
     }
-    // A forwarded create read after its sender gave up: refuse, so no
-    // environment starts that the requester never heard of.
-    let deadline = headers
-        .get(DEADLINE_HEADER)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if deadline.is_some_and(|d| crate::routing::unix_ms() > d) {
+    // A forwarded create served after its sender gave up: refuse, so no
+    // environment starts that the requester never heard of. The budget is
+    // relative: this node's clock alone measures it.
+    let budget = headers
+        .get(BUDGET_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis);
+    if budget.is_some_and(|b| crate::routing::too_late(b, stalled, read_at.elapsed())) {
+        warn!(budget_ms = ?budget.map(|b| b.as_millis()), stalled_ms = stalled.as_millis() as u64, "forwarded create arrived after its sender stopped waiting: refused");
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the request arrived after its sender stopped waiting",

@@ -98,6 +98,7 @@ pub async fn run(
     .await?;
     let workers = crate::workers::Workers::new();
     workers.adopt("gossip-publisher", cluster.spawn_publisher());
+    workers.adopt("stall-watch", cluster.spawn_stall_watch());
     // Build watcher (role build) and image GC (every node).
     let builds = crate::builds::Builds::open(envs.clone())?;
     for (name, task) in builds.spawn(cluster.clone()) {

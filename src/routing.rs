@@ -39,16 +39,88 @@ use crate::store::Manifest;
 /// Header on node-to-node requests: serve locally, do not route.
 pub const LOCAL_HEADER: &str = "x-shoal-local";
 
-/// Header on a forwarded create: unix milliseconds after which the sender
-/// has given up waiting. A node that reads the request later (it was frozen
-/// or slow) refuses it rather than start an environment nobody knows of.
-pub const DEADLINE_HEADER: &str = "x-shoal-deadline";
+/// Header on a forwarded create: how many milliseconds the sender still
+/// waits for the answer. The receiver counts them on its own monotonic
+/// clock from when it read the request, plus any stall it just came out of
+/// ([`StallWatch`]), so two hosts' wall clocks are never compared. A node
+/// that reads the request too late (it was frozen or slow) refuses it
+/// rather than start an environment nobody knows of.
+pub const BUDGET_HEADER: &str = "x-shoal-budget-ms";
 
-/// Unix time in milliseconds.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Kept out of the budget a sender gives: the answer's way back.
+const ANSWER_MARGIN: Duration = Duration::from_millis(500);
+
+/// Whether a forwarded create with `budget` is too late to serve: it may
+/// have waited `stalled` unread before this node read it, and the node has
+/// spent `elapsed` on it since (pure).
+pub fn too_late(budget: Duration, stalled: Duration, elapsed: Duration) -> bool {
+    stalled + elapsed >= budget
+}
+
+/// How often the stall watch ticks.
+const STALL_TICK: Duration = Duration::from_millis(100);
+/// A gap between ticks shorter than this is scheduling noise, not a stall.
+const STALL_MIN: Duration = Duration::from_millis(500);
+/// Requests that queued up during a stall are read within this after it.
+const STALL_WINDOW: Duration = Duration::from_secs(1);
+
+/// Notices when this process could not run (frozen by SIGSTOP, starved):
+/// a request read right after such a stall may have waited in the kernel's
+/// queue as long as the stall lasted, which no clock of the request shows.
+/// A std mutex: held only to read or record the last tick.
+pub struct StallWatch {
+    ticks: Mutex<(
+        tokio::time::Instant,
+        Option<(tokio::time::Instant, Duration)>,
+    )>,
+}
+
+impl Default for StallWatch {
+    fn default() -> Self {
+        StallWatch {
+            ticks: Mutex::new((tokio::time::Instant::now(), None)),
+        }
+    }
+}
+
+impl StallWatch {
+    fn tick(&self, now: tokio::time::Instant) {
+        let mut t = self.ticks.lock().unwrap();
+        let gap = now.saturating_duration_since(t.0);
+        if gap >= STALL_MIN {
+            t.1 = Some((now, gap));
+        }
+        t.0 = now;
+    }
+
+    /// How long a request read at `now` may have waited unread: the stall
+    /// going on (no tick for a while), or one that ended just before.
+    pub fn stalled(&self, now: tokio::time::Instant) -> Duration {
+        let t = self.ticks.lock().unwrap();
+        let ongoing = now.saturating_duration_since(t.0);
+        let ongoing = if ongoing >= STALL_MIN {
+            ongoing
+        } else {
+            Duration::ZERO
+        };
+        let recent = match t.1 {
+            Some((end, len)) if now.saturating_duration_since(end) < STALL_WINDOW => {
+                len + now.saturating_duration_since(end)
+            }
+            _ => Duration::ZERO,
+        };
+        ongoing.max(recent)
+    }
+
+    /// The watch's loop (the `stall-watch` worker).
+    pub async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(STALL_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.tick(tokio::time::Instant::now());
+        }
+    }
 }
 
 /// Load throughput assumed for a node that has not measured its own:
@@ -75,6 +147,8 @@ pub struct Cluster {
     roles: BTreeSet<Role>,
     /// Short chain-id prefixes of the layers the engine holds.
     layers: Mutex<BTreeSet<String>>,
+    /// This process's recent stalls, for the budget of forwarded creates.
+    stalls: Arc<StallWatch>,
 }
 
 /// Why a request could not be routed or served.
@@ -118,6 +192,7 @@ impl Cluster {
             storage_driver,
             roles,
             layers: Mutex::default(),
+            stalls: Arc::default(),
         };
         me.refresh_layers().await;
         let gossip = Gossip::start_udp(cfg, &me.facts()).await?;
@@ -187,6 +262,16 @@ impl Cluster {
         if let Some(g) = self.gossip.lock().await.as_ref() {
             g.publish(&facts).await;
         }
+    }
+
+    /// The stall watch's worker (see [`StallWatch`]).
+    pub fn spawn_stall_watch(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.stalls.clone().run())
+    }
+
+    /// How long a request read at `now` may have waited unread.
+    pub fn stalled(&self, now: tokio::time::Instant) -> Duration {
+        self.stalls.stalled(now)
     }
 
     /// Publishes after every change, and at least every 2 s (memory and AIO
@@ -302,8 +387,8 @@ impl Cluster {
             let Some(client) = self.peer(node) else {
                 continue;
             };
-            let deadline = unix_ms() + PEER_TIMEOUT.as_millis() as u64;
-            let client = client.with_header(DEADLINE_HEADER, &deadline.to_string());
+            let budget = PEER_TIMEOUT.saturating_sub(ANSWER_MARGIN);
+            let client = client.with_header(BUDGET_HEADER, &budget.as_millis().to_string());
             match client
                 .send_raw(hyper::Method::POST, "/v1/environments", Some(body.to_vec()))
                 .await
@@ -565,5 +650,50 @@ pub fn lost_record(node: &str, s: &EnvSummary) -> EnvRecord {
         load: Default::default(),
         container: None,
         expires_at: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_cases() {
+        let ms = Duration::from_millis;
+        let check = |budget, stalled, elapsed, want| {
+            assert_eq!(
+                too_late(ms(budget), ms(stalled), ms(elapsed)),
+                want,
+                "{budget} {stalled} {elapsed}"
+            );
+        };
+        check(2500, 0, 5, false);
+        check(2500, 0, 2499, false);
+        check(2500, 0, 2500, true);
+        // Read right after a 10 s freeze: it may have waited all along.
+        check(2500, 10_000, 1, true);
+        check(2500, 2000, 400, false);
+        check(2500, 2000, 600, true);
+        check(0, 0, 0, true);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freeze_shows_as_a_stall_for_a_moment_after_it() {
+        let watch = Arc::new(StallWatch::default());
+        let task = tokio::spawn(watch.clone().run());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(watch.stalled(tokio::time::Instant::now()), Duration::ZERO);
+        // The whole process stops for 10 s (SIGSTOP): no tick runs.
+        let frozen_at = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // Read before the watch ticked again: the stall is going on.
+        assert!(watch.stalled(tokio::time::Instant::now()) >= Duration::from_secs(10));
+        // And just after it ticked: it just ended.
+        watch.tick(frozen_at + Duration::from_secs(10));
+        assert!(watch.stalled(tokio::time::Instant::now()) >= Duration::from_secs(10));
+        // A moment later it is history.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(watch.stalled(tokio::time::Instant::now()), Duration::ZERO);
+        task.abort();
     }
 }

@@ -32,6 +32,8 @@ pub struct Node {
     pub dir: PathBuf,
     pub store: PathBuf,
     pub args: Vec<String>,
+    /// Extra environment of the daemon process (e.g. [`faketime`]).
+    pub env: Vec<(String, String)>,
     pub child: Option<Child>,
     pub url: String,
     pub client: Client,
@@ -41,6 +43,17 @@ impl Node {
     /// Starts a node named `name` with its own data dir, the given store and
     /// extra flags, and waits until it answers.
     pub async fn start(name: &str, dir: &Path, store: &Path, extra: &[&str]) -> Result<Node> {
+        Node::start_with_env(name, dir, store, extra, Vec::new()).await
+    }
+
+    /// Like [`Node::start`], with more environment for the daemon process.
+    pub async fn start_with_env(
+        name: &str,
+        dir: &Path,
+        store: &Path,
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) -> Result<Node> {
         let mut args: Vec<String> = vec![
             "daemon".into(),
             "--name".into(),
@@ -76,6 +89,7 @@ impl Node {
             dir: dir.into(),
             store: store.into(),
             args,
+            env,
             child: None,
             url: String::new(),
             client: Client::new("http://127.0.0.1:1", Duration::from_secs(30))?,
@@ -95,6 +109,7 @@ impl Node {
             .open(self.dir.join("daemon.log"))?;
         let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "shoal=debug,warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -183,6 +198,27 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The environment that runs a process with its clock `offset` off
+/// (libfaketime, Debian's `faketime` package, e.g. `"-10m"`). Preloaded in
+/// the daemon itself (the `faketime` command forks, so its pid would not
+/// be the daemon's); only the wall clock moves.
+pub fn faketime(offset: &str) -> Result<Vec<(String, String)>> {
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .context("libfaketime not found: run scripts/ensure-tools (Debian package faketime)")?;
+    Ok(vec![
+        ("LD_PRELOAD".into(), lib.into()),
+        ("FAKETIME".into(), offset.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+    ])
 }
 
 /// A UDP port free right now on 127.0.0.1.
