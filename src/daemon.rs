@@ -99,6 +99,9 @@ pub async fn run(
     let workers = crate::workers::Workers::new();
     workers.adopt("gossip-publisher", cluster.spawn_publisher());
     workers.adopt("stall-watch", cluster.spawn_stall_watch());
+    if let Some(watch) = cluster.spawn_gossip_watch().await {
+        workers.adopt_fallible("gossip-server", watch);
+    }
     // Build watcher (role build) and image GC (every node).
     let builds = crate::builds::Builds::open(envs.clone())?;
     for (name, task) in builds.spawn(cluster.clone()) {

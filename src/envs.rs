@@ -1026,13 +1026,13 @@ impl ProgressSink {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     /// An `Envs` on the real engine under a node name of its own (no
     /// container carries it), with its data dir and store in `dir`.
-    async fn test_envs(dir: &Path) -> Arc<Envs> {
+    pub(crate) async fn test_envs(dir: &Path) -> Arc<Envs> {
         let settings = crate::config::Config {
             name: Some(format!("t{}", new_id())),
             data_dir: Some(dir.join("data")),

@@ -264,6 +264,13 @@ impl Cluster {
         }
     }
 
+    /// The `gossip-server` worker: ends (failed, with why) when the gossip
+    /// server does. `None` after shutdown.
+    pub async fn spawn_gossip_watch(&self) -> Option<tokio::task::JoinHandle<Result<(), String>>> {
+        let ended = self.gossip.lock().await.as_ref()?.ended();
+        Some(tokio::spawn(ended))
+    }
+
     /// The stall watch's worker (see [`StallWatch`]).
     pub fn spawn_stall_watch(&self) -> tokio::task::JoinHandle<()> {
         tokio::spawn(self.stalls.clone().run())

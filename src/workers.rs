@@ -58,6 +58,21 @@ impl Workers {
     /// Takes a spawned worker under `name`; a small watcher task records
     /// how it ends.
     pub fn adopt(self: &Arc<Self>, name: &str, handle: JoinHandle<()>) {
+        self.watch(name, handle, Ok);
+    }
+
+    /// Like [`Workers::adopt`], for a worker that ends with an error of its
+    /// own, shown as failed with it (the gossip server's watcher).
+    pub fn adopt_fallible(self: &Arc<Self>, name: &str, handle: JoinHandle<Result<(), String>>) {
+        self.watch(name, handle, |r| r);
+    }
+
+    fn watch<T: Send + 'static>(
+        self: &Arc<Self>,
+        name: &str,
+        handle: JoinHandle<T>,
+        outcome: fn(T) -> Result<(), String>,
+    ) {
         let status = WorkerStatus {
             name: name.to_string(),
             state: WorkerState::Running,
@@ -72,9 +87,13 @@ impl Workers {
         let me = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
-            let (state, err) = match handle.await {
-                Ok(()) => (WorkerState::Stopped, None),
+            let (state, err) = match handle.await.map(outcome) {
+                Ok(Ok(())) => (WorkerState::Stopped, None),
                 Err(e) if e.is_cancelled() => (WorkerState::Stopped, None),
+                Ok(Err(msg)) => {
+                    error!(worker = %name, error = %msg, "worker failed");
+                    (WorkerState::Failed, Some(msg))
+                }
                 Err(e) => {
                     let msg = panic_message(&*e.into_panic());
                     error!(worker = %name, error = %msg, "worker failed");

@@ -318,3 +318,83 @@ async fn wrong_cluster_id_does_not_join() {
     a.abort().await;
     b.abort().await;
 }
+
+/// A transport whose sockets panic on a receive once `armed`: a fault in
+/// the gossip server itself.
+struct Panicky {
+    inner: ChannelTransport,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct PanickySocket {
+    inner: Box<dyn chitchat::transport::Socket>,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl chitchat::transport::Transport for Panicky {
+    async fn open(&self, addr: SocketAddr) -> anyhow::Result<Box<dyn chitchat::transport::Socket>> {
+        Ok(Box::new(PanickySocket {
+            inner: self.inner.open(addr).await?,
+            armed: self.armed.clone(),
+        }))
+    }
+}
+
+#[async_trait::async_trait]
+impl chitchat::transport::Socket for PanickySocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: chitchat::ChitchatEnvelope,
+    ) -> anyhow::Result<chitchat::transport::SendOutcome> {
+        self.inner.send(to, envelope).await
+    }
+    async fn recv(&mut self) -> anyhow::Result<chitchat::transport::RecvOutcome> {
+        let got = self.inner.recv().await;
+        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("injected fault in the gossip server");
+        }
+        got
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_the_gossip_server_shows_in_the_workers() {
+    let t = ChannelTransport::default();
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let faulty = Panicky {
+        inner: t.clone(),
+        armed: armed.clone(),
+    };
+    let a = Gossip::start(config(0, None), &facts("node-0"), &faulty)
+        .await
+        .expect("gossip starts");
+    let b = start(&t, 1, Some(0)).await;
+    until(&a, "node-1 alive", |v| alive(v, "node-1")).await;
+    let workers = shoal::workers::Workers::new();
+    workers.adopt_fallible("gossip-server", tokio::spawn(a.ended()));
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    let failed = loop {
+        let w = workers
+            .list()
+            .into_iter()
+            .find(|w| w.name == "gossip-server")
+            .unwrap();
+        if w.state == shoal::workers::WorkerState::Failed {
+            break w;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never seen failed: {w:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let why = failed.error.unwrap_or_default();
+    assert!(why.contains("gossip server"), "{why}");
+    drop(b);
+}

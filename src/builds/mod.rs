@@ -38,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, RwLock, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::archive::held_prefix;
 use crate::client::Client;
@@ -194,7 +194,13 @@ pub struct Builds {
     wake: Notify,
     /// Publishes (read) and prunes (write) of this node never overlap.
     maintenance: RwLock<()>,
+    /// Fault injection (tests): called with the build's key as its run
+    /// starts. Held only to clone the hook out.
+    fault_in_run: Mutex<Option<BuildHook>>,
 }
+
+/// A fault-injection hook on a build run: `(product, build)`.
+pub type BuildHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
@@ -263,6 +269,7 @@ impl Builds {
             state: Mutex::new(state),
             wake: Notify::new(),
             maintenance: RwLock::new(()),
+            fault_in_run: Mutex::new(None),
         };
         let records: Vec<BuildRecord> =
             me.state.lock().unwrap().records.values().cloned().collect();
@@ -573,7 +580,7 @@ impl Builds {
             let me = self.clone();
             let cl = cluster.clone();
             tokio::spawn(async move {
-                me.run_one(key).await;
+                me.run_supervised(key).await;
                 drop(permit);
                 if let Err(e) = me.prune(&cl).await {
                     warn!(error = %e, "prune");
@@ -629,6 +636,27 @@ impl Builds {
         }
     }
 
+    /// Installs a fault-injection hook on build runs (tests).
+    pub fn set_fault_in_run(&self, hook: Option<BuildHook>) {
+        *self.fault_in_run.lock().unwrap() = hook;
+    }
+
+    /// [`Builds::run_one`], supervised: a panic in it fails the build with
+    /// the panic's message instead of leaving it `building` forever (its
+    /// slot is freed by the caller either way).
+    async fn run_supervised(&self, key: Key) {
+        let run = std::panic::AssertUnwindSafe(self.run_one(key.clone()));
+        if let Err(panic) = futures::FutureExt::catch_unwind(run).await {
+            let msg = crate::workers::panic_message(&*panic);
+            error!(product = %key.0, build = %key.1, error = %msg, "build run panicked");
+            self.update(&key, |r| {
+                r.status = BuildStatus::Failed;
+                r.error = Some(format!("internal error: {msg}"));
+                r.finished_at = Some(now());
+            });
+        }
+    }
+
     /// Builds, installs and publishes one queued build, and records how it
     /// went.
     async fn run_one(&self, key: Key) {
@@ -641,6 +669,10 @@ impl Builds {
         }) else {
             return;
         };
+        let hook = self.fault_in_run.lock().unwrap().clone();
+        if let Some(hook) = hook {
+            hook(&key.0, &key.1);
+        }
         let Some(image) = rec.image.as_ref().and_then(|i| i.parse::<ImageRef>().ok()) else {
             return;
         };
@@ -1253,5 +1285,53 @@ mod tests {
         assert!(json.contains("\"status\":\"published\""));
         let back: BuildRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(back, rec);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_in_a_build_run_fails_the_build() {
+        let tmp = tempfile::tempdir().unwrap();
+        let envs = crate::envs::tests::test_envs(tmp.path()).await;
+        let builds = Builds::open(envs).unwrap();
+        let key = ("app".to_string(), "7".to_string());
+        let rec = BuildRecord {
+            format: RECORD_FORMAT,
+            product: key.0.clone(),
+            build: key.1.clone(),
+            image: Some("app:7".into()),
+            node: "n".into(),
+            status: BuildStatus::Queued,
+            error: None,
+            base: None,
+            dir: tmp.path().join("drop/app/7"),
+            detected_at: now(),
+            started_at: None,
+            finished_at: None,
+            timings: Default::default(),
+            layers_added: None,
+            bytes_added: None,
+            attempts: 0,
+        };
+        builds
+            .state
+            .lock()
+            .unwrap()
+            .records
+            .insert(key.clone(), rec);
+        builds.set_fault_in_run(Some(Arc::new(|_: &str, _: &str| panic!("injected fault"))));
+        builds.run_supervised(key.clone()).await;
+        let r = builds.state.lock().unwrap().records[&key].clone();
+        assert_eq!(r.status, BuildStatus::Failed, "{r:?}");
+        let why = r.error.unwrap_or_default();
+        assert!(
+            why.contains("internal error") && why.contains("injected fault"),
+            "{why}"
+        );
+        // The record on disk says so too (a restart does not rebuild it
+        // as interrupted).
+        let again = Builds::open(builds.envs.clone()).unwrap();
+        assert_eq!(
+            again.state.lock().unwrap().records[&key].status,
+            BuildStatus::Failed
+        );
     }
 }

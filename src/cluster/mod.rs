@@ -293,6 +293,18 @@ impl Gossip {
         Gossip::start(cfg, initial, &chitchat::transport::UdpTransport).await
     }
 
+    /// Completes when the gossip server ends: `Err` with why when it
+    /// failed or panicked (a node that stops gossiping looks dead to the
+    /// others while its API still answers), `Ok` after [`Gossip::shutdown`].
+    pub fn ended(&self) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+        let server = self.handle.termination_watcher();
+        async move {
+            server
+                .await
+                .map_err(|e| format!("the gossip server stopped: {e:#}"))
+        }
+    }
+
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.self_id.node_id
