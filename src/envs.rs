@@ -596,8 +596,15 @@ impl Envs {
             changed += 1;
         }
         changed += self.sweep_orphans().await;
-        if self.journal_pruned.lock().unwrap().elapsed() > Duration::from_secs(3600) {
-            *self.journal_pruned.lock().unwrap() = Instant::now();
+        let prune = {
+            let mut last = self.journal_pruned.lock().unwrap();
+            let due = last.elapsed() > Duration::from_secs(3600);
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        if prune {
             self.journal.prune_tombstones(TOMBSTONE_KEEP);
         }
         changed
