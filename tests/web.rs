@@ -279,7 +279,7 @@ async fn mails_ready_failed_warning_expired_and_the_reaper_deletes() -> Result<(
     );
     sink.wait_for(&format!("{id} was deleted"), Duration::from_secs(20))
         .await?;
-    assert!(node.log().contains("reservation ended: deleting"));
+    assert!(node.log().contains("reservation ended: deleted"));
 
     // Each event once.
     let subjects: Vec<String> = sink.mails().into_iter().map(|m| m.subject).collect();

@@ -113,6 +113,10 @@ fn local(envs: Arc<Envs>, id: String) -> Response {
                 match envs.get(&id) {
                     None => {
                         let mut rec = last?;
+                        if rec.status == EnvStatus::Deleted {
+                            // Said already, while the delete ran.
+                            return None;
+                        }
                         rec.status = EnvStatus::Deleted;
                         return Some((event(&rec), (envs, rx, id, None, true)));
                     }
