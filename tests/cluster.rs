@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use common::hosts::Hosts;
 use common::*;
 use serde_json::{json, Value};
 use shoal::demo::DemoImage;
@@ -79,6 +80,45 @@ async fn publish_image(node: &Node, engine: &Engine, cleanup: &mut Cleanup) -> R
     };
     publish_one(node, engine, &r, &img, cleanup).await?;
     Ok(r)
+}
+
+/// The harness itself: separate engines (an image published on one host
+/// is loaded from the store by another), gossip and forwarding across the
+/// bridge, endpoints reachable from the machine at the owner's address.
+#[tokio::test(flavor = "multi_thread")]
+async fn hosts_smoke_a_request_at_one_host_runs_on_another_engine() -> Result<()> {
+    let hosts = Hosts::up_each(2, &[], &[&["--role", "master"], &["--role", "slave"]]).await?;
+    let (a, b) = (hosts.host(0), hosts.host(1));
+    assert_ne!(a.ip, b.ip);
+    let image = hosts.publish_demo(0).await?;
+    // Published through host 0 (whose engine then drops the source tag):
+    // the image is in the store only.
+    assert!(b.engine.image(&format!("shoal/{image}")).await?.is_none());
+    let (code, body) = a
+        .request_env(json!({"image": image, "owner": "a@example.com"}))
+        .await?;
+    assert_eq!(code, 202, "{body}");
+    let rec: EnvRecord = serde_json::from_value(body)?;
+    assert_eq!(rec.node, b.name);
+    let rec = a.wait_settled(&rec.id).await?;
+    assert_eq!(
+        rec.status.as_str(),
+        "ready",
+        "{rec:?}\n{}",
+        hosts.logs_tail(30)
+    );
+    // Host 1 loaded it from the store into its own engine and runs it.
+    assert!(b.engine.image(&format!("shoal/{image}")).await?.is_some());
+    let on_b = b.containers().await?;
+    assert_eq!(on_b.len(), 1);
+    assert_eq!(on_b[0].env, rec.id);
+    assert!(a.containers().await?.is_empty());
+    let ep = &rec.endpoints[0];
+    assert_eq!(ep.host, b.ip);
+    assert!(http_get(&ep.host, ep.host_port, "/")
+        .await?
+        .contains(&rec.id));
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
