@@ -222,6 +222,21 @@ impl Hosts {
         self.op("start-shoal", i).await
     }
 
+    /// SIGTERM of host `i`'s shoal; waits (30 s) until it has exited.
+    pub async fn term_shoal(&self, i: usize) -> Result<()> {
+        self.op("term-shoal", i).await
+    }
+
+    /// SIGSTOP of host `i`'s shoal: a frozen node (its gossip goes silent,
+    /// its API does not answer).
+    pub async fn stop_shoal(&self, i: usize) -> Result<()> {
+        self.op("stop-shoal", i).await
+    }
+
+    pub async fn cont_shoal(&self, i: usize) -> Result<()> {
+        self.op("cont-shoal", i).await
+    }
+
     /// kill -9 of host `i`'s dockerd (its containers keep running:
     /// live-restore).
     pub async fn kill_dockerd(&self, i: usize) -> Result<()> {
@@ -354,6 +369,7 @@ impl Drop for Hosts {
             .env("SHOAL_CLUSTER_DIR", &self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn();
         let Ok(mut child) = child else {
             eprintln!("scripts/cluster down could not start");
