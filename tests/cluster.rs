@@ -10,8 +10,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use common::checker::{self, History};
 use common::hosts::{wait_for, Host, Hosts};
 use common::*;
+use futures::future::join_all;
 use serde_json::{json, Value};
 use shoal::demo::DemoImage;
 use shoal::model::EnvRecord;
@@ -213,29 +215,26 @@ async fn concurrent_requests_across_hosts_never_overcommit() -> Result<()> {
     let hosts = Hosts::up(3, &["--memory", "150MiB", "--max-envs", "2"]).await?;
     let image = hosts.publish_demo(0).await?;
 
-    let mut tasks = Vec::new();
-    for i in 0..30 {
-        let client = hosts.host(i % 3).client.clone();
+    let limits = checker::limits(&hosts).await?;
+    let history = History::new();
+    let answers = join_all((0..30).map(|i| {
+        let (hosts, history) = (&hosts, &history);
         let body = json!({"image": image, "owner": format!("u{i}@example.com")});
-        tasks.push(tokio::spawn(async move {
-            raw(
-                &client,
-                "POST",
-                "/v1/environments",
-                Some(body.to_string().into_bytes()),
-            )
-            .await
-        }));
-    }
+        async move { history.create(hosts, i % 3, body).await }
+    }))
+    .await;
     let mut accepted: Vec<EnvRecord> = Vec::new();
-    for t in tasks {
-        let (code, body) = t.await??;
-        match code {
-            202 => accepted.push(serde_json::from_value(body)?),
+    for a in answers {
+        match a.code {
+            202 => accepted.push(serde_json::from_value(a.body)?),
             503 => {
-                assert!(!body["reasons"].as_array().unwrap().is_empty(), "{body}");
+                assert!(
+                    !a.body["reasons"].as_array().unwrap().is_empty(),
+                    "{}",
+                    a.body
+                );
             }
-            other => panic!("unexpected {other}: {body}"),
+            other => panic!("unexpected {other}: {}", a.body),
         }
     }
     // Six slots in the cluster, and every one of them taken.
@@ -258,6 +257,9 @@ async fn concurrent_requests_across_hosts_never_overcommit() -> Result<()> {
         let info: Value = h.client.get("/v1/node").await?;
         assert_eq!(info["env_count"], 2);
     }
+    // And the checker finds nothing wrong in the answers and the engines.
+    let report = checker::check(&hosts, &history, &limits, &[], &[]).await?;
+    assert_eq!(report.statuses.len(), 6, "{report:?}");
     Ok(())
 }
 
