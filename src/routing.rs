@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::client::Client;
 use crate::cluster::keys::EnvSummary;
-use crate::cluster::seal::SealStats;
+use crate::cluster::seal::{SealControl, SealStats, Sealer};
 use crate::cluster::{ClusterError, ClusterView, Gossip, GossipConfig, NodeFacts, NodeView, Role};
 use crate::config::{SealMode, Settings};
 use crate::envs::{EnvError, Envs};
@@ -77,9 +77,11 @@ pub struct Cluster {
     roles: BTreeSet<Role>,
     /// Short chain-id prefixes of the layers the engine holds.
     layers: Mutex<BTreeSet<String>>,
-    /// The cluster keyring (`None`: unsealed gossip, `--insecure-gossip`).
-    keyring: Option<Arc<Keyring>>,
-    seal: SealMode,
+    /// The cluster keyring (`None`: unsealed gossip, `--insecure-gossip`);
+    /// replaced by [`Cluster::reload_keys`]. A std lock, held only to clone.
+    keyring: std::sync::RwLock<Option<Arc<Keyring>>>,
+    seal: SealControl,
+    cluster_id: String,
     insecure: bool,
     seal_stats: Arc<SealStats>,
 }
@@ -126,38 +128,53 @@ impl Cluster {
             storage_driver,
             roles,
             layers: Mutex::default(),
-            keyring,
-            seal: settings.gossip_seal,
+            seal: SealControl::new(
+                settings.gossip_seal,
+                keyring
+                    .as_ref()
+                    .map(|k| Sealer::new(&k.gossip_keys(), &settings.cluster_id)),
+            ),
+            keyring: std::sync::RwLock::new(keyring),
+            cluster_id: settings.cluster_id.clone(),
             insecure: settings.insecure_gossip,
             seal_stats: Arc::default(),
         };
         me.refresh_layers().await;
-        let keys = me.keyring.as_ref().map(|k| k.gossip_keys());
-        let gossip = Gossip::start_udp(
-            cfg,
-            &me.facts(),
-            me.seal,
-            keys.as_deref(),
-            me.seal_stats.clone(),
-        )
-        .await?;
+        let gossip =
+            Gossip::start_udp(cfg, &me.facts(), me.seal.clone(), me.seal_stats.clone()).await?;
         let view = gossip.changes();
         *me.gossip.lock().await = Some(gossip);
         Ok(Arc::new(Cluster { view, ..me }))
     }
 
     /// The cluster keyring, primary first (`None` with unsealed gossip).
-    pub fn keyring(&self) -> Option<&Arc<Keyring>> {
-        self.keyring.as_ref()
+    pub fn keyring(&self) -> Option<Arc<Keyring>> {
+        self.keyring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the keyring and the seal mode while gossip runs (`SIGHUP`):
+    /// the next datagram is sealed with the new primary, and every key of
+    /// the new keyring opens. Peers never stop hearing this node.
+    pub fn reload_keys(&self, mode: SealMode, keyring: Option<Arc<Keyring>>) {
+        self.seal.set(
+            mode,
+            keyring
+                .as_ref()
+                .map(|k| Sealer::new(&k.gossip_keys(), &self.cluster_id)),
+        );
+        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = keyring;
     }
 
     /// How this node's gossip is protected, for `GET /v1/node`.
     pub fn gossip_security(&self) -> GossipSecurity {
         GossipSecurity {
-            mode: self.seal.as_str().to_string(),
+            mode: self.seal.mode().as_str().to_string(),
             insecure: self.insecure,
             key_ids: self
-                .keyring
+                .keyring()
                 .as_ref()
                 .map(|k| k.ids().iter().map(|i| i.to_string()).collect())
                 .unwrap_or_default(),
