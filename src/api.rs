@@ -242,6 +242,7 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
             &s.engine.storage_driver,
             s.engine.containerd_store,
         ),
+        gossip: s.cluster.gossip_security(),
     }))
 }
 

@@ -11,9 +11,10 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::api::{router, AppState};
-use crate::config::Settings;
+use crate::config::{KeyFile, Settings};
 use crate::docker::{DockerError, Engine};
 use crate::envs::{EnvError, Envs};
+use crate::keyring::Keyring;
 use crate::routing::Cluster;
 use crate::store::{ImageRef, PublishHint, Store, StoreError};
 
@@ -35,6 +36,8 @@ pub enum DaemonError {
     Builds(#[from] crate::builds::BuildError),
     #[error(transparent)]
     Mail(#[from] crate::mail::MailError),
+    #[error(transparent)]
+    Keyring(#[from] crate::keyring::KeyringError),
 }
 
 /// Options that are about this run, not the node's configuration.
@@ -42,6 +45,41 @@ pub enum DaemonError {
 pub struct RunOptions {
     /// Publish the embedded demo image as `demo:1` at start if missing.
     pub demo: bool,
+    /// On `SIGHUP`: the settings as they read now (config file + flags);
+    /// the node takes its cluster key and `gossip_seal` from them.
+    pub reload: Option<Reloader>,
+}
+
+/// Reads the settings again (see [`RunOptions::reload`]).
+#[derive(Clone)]
+pub struct Reloader(pub Arc<dyn Fn() -> Result<Settings, String> + Send + Sync>);
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reloader")
+    }
+}
+
+/// Applies a reload: the key file is read again (a rotation step) and the
+/// seal mode taken from the new settings; nothing else changes live.
+fn reload_keys(cluster: &Cluster, reload: &Reloader) {
+    let settings = match (reload.0)() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "reload refused: the config does not check; keys and seal mode unchanged");
+            return;
+        }
+    };
+    match load_keyring(&settings) {
+        Ok(keyring) => {
+            cluster.reload_keys(settings.gossip_seal, keyring);
+            let g = cluster.gossip_security();
+            info!(node = %settings.name, seal = %g.mode, key_ids = ?g.key_ids, "reloaded the cluster key and seal mode (other settings apply on restart)");
+        }
+        Err(e) => {
+            warn!(error = %e, "reload refused: keys and seal mode unchanged")
+        }
+    }
 }
 
 /// How long a stopping node waits for environments still loading or
@@ -78,6 +116,7 @@ pub async fn run(
             source: e,
         })
     })?;
+    let keyring = load_keyring(&settings)?;
     let store = Store::open(&settings.store)?;
     if opts.demo {
         ensure_demo(&engine, &store).await?;
@@ -94,6 +133,7 @@ pub async fn run(
         envs.clone(),
         http_addr.clone(),
         info.storage_driver.clone(),
+        keyring,
     )
     .await?;
     let workers = crate::workers::Workers::new();
@@ -101,6 +141,21 @@ pub async fn run(
     workers.adopt("stall-watch", cluster.spawn_stall_watch());
     if let Some(watch) = cluster.spawn_gossip_watch().await {
         workers.adopt_fallible("gossip-server", watch);
+    if let Some(reload) = opts.reload.clone() {
+        let cluster = cluster.clone();
+        workers.adopt(
+            "key-reload",
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    warn!("cannot watch SIGHUP: key reload needs a restart");
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    reload_keys(&cluster, &reload);
+                }
+            }),
+        );
     }
     // Build watcher (role build) and image GC (every node).
     let builds = crate::builds::Builds::open(envs.clone())?;
@@ -189,6 +244,29 @@ pub async fn run(
         .await;
     workers.abort_all();
     served.map_err(DaemonError::Serve)
+}
+
+/// The cluster keyring, per `cluster_key`: read the given file, or create
+/// `<data_dir>/cluster.key` on first start; `None` for unsealed gossip.
+/// Only key ids are logged, never key bytes.
+fn load_keyring(settings: &Settings) -> Result<Option<Arc<Keyring>>, DaemonError> {
+    let (keyring, path, created) = match &settings.cluster_key {
+        KeyFile::None => {
+            warn!(node = %settings.name, "no cluster key: gossip is unsealed (--insecure-gossip); anyone who reaches the gossip port can join");
+            return Ok(None);
+        }
+        KeyFile::Given(p) => (Keyring::load(p)?, p, false),
+        KeyFile::Default(p) => {
+            let (k, created) = Keyring::load_or_create(p)?;
+            (k, p, created)
+        }
+    };
+    let ids: Vec<String> = keyring.ids().iter().map(|i| i.to_string()).collect();
+    if created {
+        info!(node = %settings.name, key_file = %path.display(), key_id = %ids[0], "created a new cluster key (give a copy to every node that joins this one)");
+    }
+    info!(node = %settings.name, key_file = %path.display(), key_ids = ?ids, seal = settings.gossip_seal.as_str(), "cluster key loaded");
+    Ok(Some(Arc::new(keyring)))
 }
 
 /// Builds the embedded demo image and publishes it as [`DEMO_REF`] unless

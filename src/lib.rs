@@ -17,6 +17,7 @@ pub mod docker;
 pub mod envs;
 pub mod host;
 pub mod journal;
+pub mod keyring;
 pub mod mail;
 pub mod model;
 pub mod placement;

@@ -346,6 +346,24 @@ pub struct NodeInfo {
     /// What the storage driver is known to limit (the seed's overlay could
     /// not write files over 2.5 GB).
     pub storage_notes: Vec<String>,
+    /// How this node's gossip is protected.
+    #[serde(default)]
+    pub gossip: GossipSecurity,
+}
+
+/// How a node's gossip is protected (`docs/security.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipSecurity {
+    /// `required` (sealed only), `transitional` (seals, still accepts
+    /// unsealed) or `off` (unsealed).
+    pub mode: String,
+    /// Started with `--insecure-gossip` (unsealed gossip allowed).
+    pub insecure: bool,
+    /// Public ids of the cluster keys, the primary (which seals) first.
+    pub key_ids: Vec<String>,
+    /// Gossip datagrams since start: sent, opened, dropped and why.
+    #[serde(default)]
+    pub datagrams: crate::cluster::seal::SealCounters,
 }
 
 /// The body of every error answer.

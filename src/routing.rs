@@ -29,10 +29,12 @@ use tracing::{debug, info, warn};
 
 use crate::client::Client;
 use crate::cluster::keys::EnvSummary;
+use crate::cluster::seal::{SealControl, SealStats, Sealer};
 use crate::cluster::{ClusterError, ClusterView, Gossip, GossipConfig, NodeFacts, NodeView, Role};
-use crate::config::Settings;
+use crate::config::{SealMode, Settings};
 use crate::envs::{EnvError, Envs};
-use crate::model::{EnvRecord, EnvRequest, EnvSpec, EnvStatus, NodeReason};
+use crate::keyring::Keyring;
+use crate::model::{EnvRecord, EnvRequest, EnvSpec, EnvStatus, GossipSecurity, NodeReason};
 use crate::placement::{self, Placement, PlacementRequest};
 use crate::store::Manifest;
 
@@ -149,6 +151,13 @@ pub struct Cluster {
     layers: Mutex<BTreeSet<String>>,
     /// This process's recent stalls, for the budget of forwarded creates.
     stalls: Arc<StallWatch>,
+    /// The cluster keyring (`None`: unsealed gossip, `--insecure-gossip`);
+    /// replaced by [`Cluster::reload_keys`]. A std lock, held only to clone.
+    keyring: std::sync::RwLock<Option<Arc<Keyring>>>,
+    seal: SealControl,
+    cluster_id: String,
+    insecure: bool,
+    seal_stats: Arc<SealStats>,
 }
 
 /// Why a request could not be routed or served.
@@ -172,6 +181,7 @@ impl Cluster {
         envs: Arc<Envs>,
         http_addr: String,
         storage_driver: String,
+        keyring: Option<Arc<Keyring>>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let mut cfg = GossipConfig::new(&settings.cluster_id, &settings.name, settings.gossip);
         cfg.advertise_addr = settings.advertise;
@@ -193,12 +203,58 @@ impl Cluster {
             roles,
             layers: Mutex::default(),
             stalls: Arc::default(),
+            seal: SealControl::new(
+                settings.gossip_seal,
+                keyring
+                    .as_ref()
+                    .map(|k| Sealer::new(&k.gossip_keys(), &settings.cluster_id)),
+            ),
+            keyring: std::sync::RwLock::new(keyring),
+            cluster_id: settings.cluster_id.clone(),
+            insecure: settings.insecure_gossip,
+            seal_stats: Arc::default(),
         };
         me.refresh_layers().await;
-        let gossip = Gossip::start_udp(cfg, &me.facts()).await?;
+        let gossip =
+            Gossip::start_udp(cfg, &me.facts(), me.seal.clone(), me.seal_stats.clone()).await?;
         let view = gossip.changes();
         *me.gossip.lock().await = Some(gossip);
         Ok(Arc::new(Cluster { view, ..me }))
+    }
+
+    /// The cluster keyring, primary first (`None` with unsealed gossip).
+    pub fn keyring(&self) -> Option<Arc<Keyring>> {
+        self.keyring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the keyring and the seal mode while gossip runs (`SIGHUP`):
+    /// the next datagram is sealed with the new primary, and every key of
+    /// the new keyring opens. Peers never stop hearing this node.
+    pub fn reload_keys(&self, mode: SealMode, keyring: Option<Arc<Keyring>>) {
+        self.seal.set(
+            mode,
+            keyring
+                .as_ref()
+                .map(|k| Sealer::new(&k.gossip_keys(), &self.cluster_id)),
+        );
+        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = keyring;
+    }
+
+    /// How this node's gossip is protected, for `GET /v1/node`.
+    pub fn gossip_security(&self) -> GossipSecurity {
+        GossipSecurity {
+            mode: self.seal.mode().as_str().to_string(),
+            insecure: self.insecure,
+            key_ids: self
+                .keyring()
+                .as_ref()
+                .map(|k| k.ids().iter().map(|i| i.to_string()).collect())
+                .unwrap_or_default(),
+            datagrams: self.seal_stats.snapshot(),
+        }
     }
 
     /// This node's facts as they stand now.
