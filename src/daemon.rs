@@ -141,6 +141,7 @@ pub async fn run(
     workers.adopt("stall-watch", cluster.spawn_stall_watch());
     if let Some(watch) = cluster.spawn_gossip_watch().await {
         workers.adopt_fallible("gossip-server", watch);
+    }
     if let Some(reload) = opts.reload.clone() {
         let cluster = cluster.clone();
         workers.adopt(

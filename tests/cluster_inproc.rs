@@ -343,17 +343,10 @@ impl chitchat::transport::Transport for Panicky {
 
 #[async_trait::async_trait]
 impl chitchat::transport::Socket for PanickySocket {
-    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
-        self.inner.local_addr()
+    async fn send(&mut self, to: SocketAddr, msg: chitchat::ChitchatMessage) -> anyhow::Result<()> {
+        self.inner.send(to, msg).await
     }
-    async fn send(
-        &mut self,
-        to: SocketAddr,
-        envelope: chitchat::ChitchatEnvelope,
-    ) -> anyhow::Result<chitchat::transport::SendOutcome> {
-        self.inner.send(to, envelope).await
-    }
-    async fn recv(&mut self) -> anyhow::Result<chitchat::transport::RecvOutcome> {
+    async fn recv(&mut self) -> anyhow::Result<(SocketAddr, chitchat::ChitchatMessage)> {
         let got = self.inner.recv().await;
         if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
             panic!("injected fault in the gossip server");
