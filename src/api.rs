@@ -53,6 +53,9 @@ pub struct AppState {
     pub builds: Arc<crate::builds::Builds>,
     pub mail: Arc<crate::mail::Mailer>,
     pub workers: Arc<crate::workers::Workers>,
+    /// Cancelled when the node begins to shut down: long answers (event
+    /// streams) end then, so the server can close every connection.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// An error answer: status plus the JSON body.

@@ -3,7 +3,7 @@
 //! in order on a signal. `run` takes its listener and shutdown signal as
 //! arguments, so tests bind port 0 and stop it when they like.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +47,12 @@ pub struct RunOptions {
 /// How long a stopping node waits for environments still loading or
 /// starting before it leaves anyway.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+
+/// How long a stopping node, once drained, waits for open HTTP answers
+/// before it closes them. Event streams end as soon as shutdown begins, so
+/// this only bounds a slow client; with [`DRAIN_DEADLINE`] it stays well
+/// inside the unit's `TimeoutStopSec`.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// The demo build every new user can request right away.
 pub const DEMO_REF: &str = "demo:1";
@@ -124,6 +130,9 @@ pub async fn run(
             time::OffsetDateTime::now_utc,
         )),
     );
+    // Cancelled when shutdown begins: event streams end, so the server's
+    // graceful shutdown is not held up by a client that never hangs up.
+    let stopping = tokio_util::sync::CancellationToken::new();
     let state = Arc::new(AppState {
         envs: envs.clone(),
         engine: info,
@@ -131,6 +140,7 @@ pub async fn run(
         builds,
         mail,
         workers: workers.clone(),
+        shutdown: stopping.clone(),
     });
 
     // Reconcile worker: notices containers that stopped on their own and
@@ -158,11 +168,13 @@ pub async fn run(
     .map_err(DaemonError::Serve)?;
     info!(node = %settings.name, http = %addr, store = %settings.store.display(), "node ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain = {
         let (envs, cluster) = (envs.clone(), cluster.clone());
         async move {
             shutdown.await;
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+            stopping.cancel();
             // Ordered shutdown: tell the cluster we take nothing new, give
             // in-flight starts a deadline, leave the cluster, stop serving.
             // Running environments are never stopped.
@@ -178,11 +190,26 @@ pub async fn run(
             }
             cluster.shutdown().await;
             info!("left the cluster; running environments stay up");
+            let _ = drained_tx.send(());
         }
     };
-    let served = axum::serve(listener, router(state))
+    let serve = axum::serve(listener, router(state))
         .with_graceful_shutdown(drain)
-        .await;
+        .into_future();
+    // Graceful, but bounded: answers still open [`CLOSE_GRACE`] after the
+    // drain are cut off (the stop timeout of the unit must not be reached).
+    let served = tokio::select! {
+        served = serve => served,
+        () = async {
+            match drained_rx.await {
+                Ok(()) => tokio::time::sleep(CLOSE_GRACE).await,
+                Err(_) => std::future::pending().await,
+            }
+        } => {
+            warn!(grace_secs = CLOSE_GRACE.as_secs(), "connections still open after the drain: closing them");
+            Ok(())
+        }
+    };
     workers.abort_all();
     served.map_err(DaemonError::Serve)
 }
