@@ -84,10 +84,21 @@ pub async fn run(
             source: e,
         })
     })?;
-    let store = Store::open(&settings.store)?;
-    if opts.demo {
-        ensure_demo(&engine, &store).await?;
+    // A store that never existed is created; one this node knew and that
+    // is gone is refused until it is back (`store-watch` below). Either
+    // way the node starts and serves what does not need the store.
+    let store = Store::for_node(settings.store.clone(), settings.data_dir.clone());
+    store.check().await;
+    if let Err(e) = store.usable() {
+        warn!(store = %settings.store.display(), error = %e, "starting without the image store");
     }
+    if opts.demo {
+        match store.writable() {
+            Ok(()) => ensure_demo(&engine, &store).await?,
+            Err(e) => warn!(error = %e, "demo image not published"),
+        }
+    }
+    let store_watch = store.clone().watch();
     let envs = Envs::recover(settings.clone(), engine, store).await?;
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
     let http_addr = if addr.ip().is_unspecified() {
@@ -103,6 +114,7 @@ pub async fn run(
     )
     .await?;
     let workers = crate::workers::Workers::new();
+    workers.adopt("store-watch", tokio::spawn(store_watch));
     workers.adopt("gossip-publisher", cluster.spawn_publisher());
     // Build watcher (role build) and image GC (every node).
     let builds = crate::builds::Builds::open(envs.clone())?;
