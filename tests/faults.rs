@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -127,5 +128,240 @@ async fn sigterm_with_open_event_streams_drains_and_exits() -> Result<()> {
     // The environment was left running.
     let c = s.engine.env_containers(&s.name).await?;
     assert_eq!(c.len(), 1, "{c:?}");
+    Ok(())
+}
+
+/// Mounts made by a test, unmounted (lazily, so a dead daemon's open files
+/// cannot keep them) when dropped: declare it before the nodes that use it.
+struct Mounts(Vec<PathBuf>);
+
+impl Mounts {
+    fn run(args: &[&str]) -> Result<()> {
+        let out = Command::new(args[0]).args(&args[1..]).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    fn bind(&mut self, from: &Path, to: &Path) -> Result<()> {
+        Mounts::run(&[
+            "mount",
+            "--bind",
+            &from.display().to_string(),
+            &to.display().to_string(),
+        ])?;
+        self.0.push(to.into());
+        Ok(())
+    }
+
+    fn tmpfs(&mut self, at: &Path, size: &str) -> Result<()> {
+        Mounts::run(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "tmpfs",
+            &at.display().to_string(),
+        ])?;
+        self.0.push(at.into());
+        Ok(())
+    }
+
+    fn remount(&self, at: &Path, opts: &str) -> Result<()> {
+        Mounts::run(&[
+            "mount",
+            "-o",
+            &format!("remount,bind,{opts}"),
+            &at.display().to_string(),
+        ])
+    }
+
+    fn umount(&mut self, at: &Path) -> Result<()> {
+        Mounts::run(&["umount", &at.display().to_string()])?;
+        self.0.retain(|p| p != at);
+        Ok(())
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(p).status();
+        }
+    }
+}
+
+/// Polls `GET /v1/node` until `ok` holds for it (bounded).
+async fn node_until(node: &Node, what: &str, ok: impl Fn(&Value) -> bool) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Value = node.client.get("/v1/node").await?;
+        if ok(&v) {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("node never got {what}: {v}\n{}", node.log());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn store_state(v: &Value) -> &str {
+    v["store"]["state"].as_str().unwrap_or("")
+}
+
+/// Every answer that needs the store is a 503 naming it; the others work.
+async fn assert_store_refused(node: &Node, image: &str) -> Result<()> {
+    let (code, body) = node
+        .request_env(json!({"image": image, "owner": "tester@example.com"}))
+        .await?;
+    assert_eq!(
+        (code, body["resource"].as_str()),
+        (503, Some("store")),
+        "{body}"
+    );
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("image store"),
+        "{body}"
+    );
+    let (code, body) = raw(&node.client, "GET", "/v1/images", None).await?;
+    assert_eq!(
+        (code, body["resource"].as_str()),
+        (503, Some("store")),
+        "{body}"
+    );
+    let (code, body) = raw(&node.client, "GET", "/healthz", None).await?;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["problems"][0]["check"], "store", "{body}");
+    let (code, _) = raw(&node.client, "GET", "/v1/environments", None).await?;
+    assert_eq!(code, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_known_store_that_vanishes_is_refused_never_replaced() -> Result<()> {
+    let engine = shoal::docker::Engine::connect().await?;
+    let dir = tempfile::tempdir()?;
+    let real = dir.path().join("nfs-export");
+    let mnt = dir.path().join("store");
+    std::fs::create_dir_all(&real)?;
+    std::fs::create_dir_all(&mnt)?;
+    let mut mounts = Mounts(Vec::new());
+    mounts.bind(&real, &mnt)?;
+    let name = unique("st");
+    let mut cleanup = Cleanup::new();
+    cleanup.nodes.push(name.clone());
+    let mut node = Node::start(&name, &dir.path().join("node"), &mnt, &[]).await?;
+
+    // A store that never existed is created, with its marker.
+    let v = node_until(&node, "an ok store", |v| store_state(v) == "ok").await?;
+    let id = v["store"]["id"].as_str().unwrap().to_string();
+    let marker: Value = serde_json::from_slice(&std::fs::read(real.join("shoal-store.json"))?)?;
+    assert_eq!(marker["id"], id.as_str());
+    assert_eq!(marker["format"], 1);
+    let image = format!("{}:1", unique("st"));
+    let img = DemoImage {
+        extra_files: vec![("/marker".into(), random_bytes(16 << 10))],
+        ..Default::default()
+    };
+    publish_one(&node, &engine, &image, &img, &mut cleanup).await?;
+
+    // Unmounted: the mount point is an empty directory.
+    mounts.umount(&mnt)?;
+    let v = node_until(&node, "an unavailable store", |v| {
+        store_state(v) == "unavailable"
+    })
+    .await?;
+    assert!(
+        v["store"]["reason"].as_str().unwrap().contains("empty"),
+        "{v}"
+    );
+    assert_store_refused(&node, &image).await?;
+    let (code, body) = raw(
+        &node.client,
+        "POST",
+        "/v1/images",
+        Some(
+            json!({"source": "x:1", "ref": "y:1"})
+                .to_string()
+                .into_bytes(),
+        ),
+    )
+    .await?;
+    assert_eq!(
+        (code, body["resource"].as_str()),
+        (503, Some("store")),
+        "{body}"
+    );
+    // A restart remembers the store: still refused, nothing created.
+    node.kill();
+    node.spawn().await?;
+    let v: Value = node.client.get("/v1/node").await?;
+    assert_eq!(store_state(&v), "unavailable", "{v}");
+    assert_store_refused(&node, &image).await?;
+    assert_eq!(
+        std::fs::read_dir(&mnt)?.count(),
+        0,
+        "the empty mount point was filled"
+    );
+
+    // Gone altogether: still refused, not re-created.
+    std::fs::remove_dir(&mnt)?;
+    let v = node_until(&node, "a missing store", |v| {
+        v["store"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("missing")
+    })
+    .await?;
+    assert_eq!(store_state(&v), "unavailable");
+    assert!(!mnt.exists(), "the store was re-created");
+
+    // Back, read-only: loads work, publishes are refused.
+    std::fs::create_dir(&mnt)?;
+    mounts.bind(&real, &mnt)?;
+    mounts.remount(&mnt, "ro")?;
+    let v = node_until(&node, "a read-only store", |v| {
+        store_state(v) == "read_only"
+    })
+    .await?;
+    assert_eq!(v["store"]["id"], id.as_str());
+    let (code, body) = raw(&node.client, "GET", "/healthz", None).await?;
+    assert_eq!(code, 200, "{body}");
+    let env = ready_env(&node, &image).await?;
+    assert_eq!(env.load.layers_cached, 0, "{env:?}");
+    let (code, body) = raw(
+        &node.client,
+        "POST",
+        "/v1/images",
+        Some(
+            json!({"source": format!("shoal/{image}"), "ref": format!("{image}x")})
+                .to_string()
+                .into_bytes(),
+        ),
+    )
+    .await?;
+    assert_eq!(
+        (code, body["resource"].as_str()),
+        (503, Some("store")),
+        "{body}"
+    );
+    assert!(
+        body["error"].as_str().unwrap().contains("read-only"),
+        "{body}"
+    );
+
+    // Writable again: by itself, the node takes everything again.
+    mounts.remount(&mnt, "rw")?;
+    node_until(&node, "an ok store", |v| store_state(v) == "ok").await?;
+    let (code, body) = raw(&node.client, "GET", "/v1/images", None).await?;
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = raw(&node.client, "GET", "/healthz", None).await?;
+    assert_eq!(code, 200);
+    drop(node);
     Ok(())
 }
