@@ -131,6 +131,11 @@ impl From<EnvError> for ApiError {
                 a
             }
             EnvError::NotFound(_) => ApiError::field(StatusCode::NOT_FOUND, "id", e.to_string()),
+            EnvError::DiskFull { .. } => {
+                let mut a = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                a.body.resource = Some("disk".into());
+                a
+            }
             EnvError::Draining(_) => {
                 let mut a = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
                 a.body.resource = Some("draining".into());

@@ -52,6 +52,10 @@ pub enum EnvError {
     Host(#[from] crate::host::HostError),
     #[error(transparent)]
     Reservation(#[from] crate::reaper::ReservationError),
+    #[error(
+        "node {node} has no room left on its data directory: no new environments until there is"
+    )]
+    DiskFull { node: String },
     #[error("journal {path}: {source}")]
     Journal {
         path: PathBuf,
@@ -297,6 +301,17 @@ impl Envs {
     ) -> Result<EnvRecord, EnvError> {
         if self.is_draining() {
             return Err(EnvError::Draining(self.settings.name.clone()));
+        }
+        // A full data dir cannot journal the environment: refuse before
+        // reserving (the journal write below catches what this misses).
+        match crate::host::disk_free(&self.journal_dir) {
+            Ok(free) if free < DATA_DIR_MIN_FREE => {
+                warn!(node = %self.settings.name, free, "data directory full: refusing new environments");
+                return Err(EnvError::DiskFull {
+                    node: self.settings.name.clone(),
+                });
+            }
+            _ => {}
         }
         let cap = self.capacity()?;
         let id = new_id();
@@ -714,7 +729,8 @@ impl Envs {
         if let Some(rec) = rec {
             self.notify();
             if let Err(e) = self.write_journal(&rec) {
-                warn!(env = %id, error = %e, "journal write failed");
+                // In memory it changed; on disk the old record stays whole.
+                tracing::error!(env = %id, status = %rec.status.as_str(), error = %e, "journal write failed");
             }
         }
     }
@@ -726,7 +742,16 @@ impl Envs {
     fn write_journal(&self, rec: &EnvRecord) -> Result<(), EnvError> {
         let path = self.journal_path(&rec.id);
         let data = serde_json::to_vec_pretty(rec).expect("records serialize");
-        write_atomic(&path, &data).map_err(|source| EnvError::Journal { path, source })
+        write_atomic(&path, &data).map_err(|source| {
+            tracing::error!(env = %rec.id, path = %path.display(), error = %source, "journal write failed");
+            if crate::host::is_disk_full(&source) {
+                EnvError::DiskFull {
+                    node: self.settings.name.clone(),
+                }
+            } else {
+                EnvError::Journal { path, source }
+            }
+        })
     }
 
     fn read_journal(&self) -> BTreeMap<String, EnvRecord> {
@@ -762,7 +787,12 @@ fn now_s() -> OffsetDateTime {
     now.replace_nanosecond(0).unwrap_or(now)
 }
 
-/// Writes a file so that a crash leaves the old or the new content.
+/// Free bytes the data dir must keep for a new environment to be admitted
+/// (its journal record is a few KiB; mails and status changes follow).
+pub const DATA_DIR_MIN_FREE: u64 = 1 << 20;
+
+/// Writes a file so that a crash leaves the old or the new content, and a
+/// failed write (a full disk) leaves the old file and no temp file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
@@ -770,12 +800,16 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("f"),
         uuid::Uuid::new_v4().simple()
     ));
-    {
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
 }
 

@@ -365,3 +365,127 @@ async fn a_known_store_that_vanishes_is_refused_never_replaced() -> Result<()> {
     drop(node);
     Ok(())
 }
+
+/// Fills the filesystem of `dir` with one file until it refuses more.
+fn fill(path: &Path) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let chunk = vec![0x5au8; 64 << 10];
+    for _ in 0..100_000 {
+        if let Err(e) = f.write_all(&chunk).and_then(|()| f.sync_data()) {
+            anyhow::ensure!(e.raw_os_error() == Some(28), "filling: {e}");
+            // Whatever is left is below one block of the chunk: take it too.
+            for _ in 0..64 {
+                if f.write_all(&[0u8; 1024])
+                    .and_then(|()| f.sync_data())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            return Ok(());
+        }
+    }
+    bail!("{} never filled up", path.display())
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_data_dir_refuses_new_environments_until_there_is_room() -> Result<()> {
+    let engine = shoal::docker::Engine::connect().await?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("node");
+    std::fs::create_dir_all(&data)?;
+    let mut mounts = Mounts(Vec::new());
+    mounts.tmpfs(&data, "8m")?;
+    // The log lives elsewhere (as with journald), so it can say why.
+    std::os::unix::fs::symlink(dir.path().join("daemon.log"), data.join("daemon.log"))?;
+    let name = unique("df");
+    let mut cleanup = Cleanup::new();
+    cleanup.nodes.push(name.clone());
+    let node = Node::start(&name, &data, &dir.path().join("store"), &[]).await?;
+    let image = format!("{}:1", unique("df"));
+    let img = DemoImage {
+        extra_files: vec![("/marker".into(), random_bytes(16 << 10))],
+        ..Default::default()
+    };
+    publish_one(&node, &engine, &image, &img, &mut cleanup).await?;
+    let first = ready_env(&node, &image).await?;
+    let journal = data.join("envs").join(format!("{}.json", first.id));
+    let before = std::fs::read(&journal)?;
+
+    // Full: new environments are refused, naming the disk.
+    let filler = data.join("filler");
+    fill(&filler)?;
+    for _ in 0..3 {
+        let (code, body) = node
+            .request_env(json!({"image": image, "owner": "tester@example.com"}))
+            .await?;
+        assert_eq!(
+            (code, body["resource"].as_str()),
+            (503, Some("disk")),
+            "{body}"
+        );
+        assert!(
+            !body["error"]
+                .as_str()
+                .unwrap()
+                .contains(&data.display().to_string()),
+            "{body}"
+        );
+    }
+    // Reads go on; the journal holds the old records, whole.
+    let list: Vec<EnvRecord> = node.client.get("/v1/environments").await?;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let rec: EnvRecord = node
+        .client
+        .get(&format!("/v1/environments/{}", first.id))
+        .await?;
+    assert_eq!(rec.status.as_str(), "ready");
+    let _: Value = node.client.get("/v1/node").await?;
+    let (code, _) = raw(&node.client, "GET", "/v1/images", None).await?;
+    assert_eq!(code, 200);
+    // A write that fails leaves the old file and nothing half-written.
+    let (code, body) = raw(
+        &node.client,
+        "POST",
+        &format!("/v1/environments/{}/extend", first.id),
+        Some(json!({"by": "1h"}).to_string().into_bytes()),
+    )
+    .await?;
+    assert_eq!(
+        (code, body["resource"].as_str()),
+        (503, Some("disk")),
+        "{body}"
+    );
+    assert_eq!(std::fs::read(&journal)?, before);
+    let stray: Vec<_> = files_under(&data)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+    assert!(node.log().contains("data directory full"), "{}", node.log());
+
+    // Room again: accepted, and it runs.
+    std::fs::remove_file(&filler)?;
+    let second = ready_env(&node, &image).await?;
+    assert_ne!(second.id, first.id);
+    drop(node);
+    Ok(())
+}
