@@ -52,9 +52,7 @@ pub enum EnvError {
     Host(#[from] crate::host::HostError),
     #[error(transparent)]
     Reservation(#[from] crate::reaper::ReservationError),
-    #[error(
-        "node {node} has no room left on its data directory: no new environments until there is"
-    )]
+    #[error("the data directory of node {node} is full: no new environments until there is room")]
     DiskFull { node: String },
     #[error("journal {path}: {source}")]
     Journal {
