@@ -489,3 +489,137 @@ async fn a_full_data_dir_refuses_new_environments_until_there_is_room() -> Resul
     drop(node);
     Ok(())
 }
+
+/// A mount of `tests/hang_fs.py`: the backing directory seen through FUSE,
+/// every operation blocking while [`HangFs::hang`] holds it. Dropped, it
+/// lets go first (so no process stays stuck in it), then unmounts.
+struct HangFs {
+    child: Child,
+    mnt: PathBuf,
+    ctl: PathBuf,
+}
+
+impl HangFs {
+    fn start(backing: &Path, mnt: &Path, ctl: &Path, log: &Path) -> Result<HangFs> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hang_fs.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args([backing, mnt, ctl])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()
+            .context("starting hang_fs.py (needs mfusepy: scripts/ensure-tools)")?;
+        let fs = HangFs {
+            child,
+            mnt: mnt.into(),
+            ctl: ctl.into(),
+        };
+        let want = format!(" {} fuse", mnt.display());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string("/proc/mounts")?.contains(&want) {
+            if Instant::now() > deadline {
+                bail!("hang_fs did not mount: {}", std::fs::read_to_string(log)?);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(fs)
+    }
+
+    fn hang(&self) -> Result<()> {
+        Ok(std::fs::write(&self.ctl, b"")?)
+    }
+
+    fn release(&self) {
+        let _ = std::fs::remove_file(&self.ctl);
+    }
+}
+
+impl Drop for HangFs {
+    fn drop(&mut self) {
+        self.release();
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+/// `path` on `node`, answered within `within` (or the test fails).
+async fn answered(node: &Node, path: &str, within: Duration) -> Result<(u16, Value)> {
+    tokio::time::timeout(within, raw(&node.client, "GET", path, None))
+        .await
+        .with_context(|| format!("GET {path} did not answer within {within:?}"))?
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hanging_store_does_not_block_the_api() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let backing = dir.path().join("export");
+    let mnt = dir.path().join("store");
+    std::fs::create_dir_all(&mnt)?;
+    shoal::store::Store::open(&backing)?;
+    let name = unique("hang");
+    let mut cleanup = Cleanup::new();
+    cleanup.nodes.push(name.clone());
+    // Declared before the FUSE mount, so it is dropped after it: the mount
+    // lets go of the daemon's blocked reads before the daemon is killed.
+    let mut slot: Option<Node> = None;
+    let fs = HangFs::start(
+        &backing,
+        &mnt,
+        &dir.path().join("hang"),
+        &dir.path().join("fs.log"),
+    )?;
+    let node = slot.insert(Node::start(&name, &dir.path().join("node"), &mnt, &[]).await?);
+    node_until(node, "an ok store", |v| store_state(v) == "ok").await?;
+    let (code, body) = answered(node, "/v1/images", Duration::from_secs(20)).await?;
+    assert_eq!(code, 200, "{body}");
+
+    // The store's server stops answering.
+    fs.hang()?;
+    // A catalog read that needs the store answers 503 within its bound.
+    let (code, body) = answered(node, "/v1/images", Duration::from_secs(30)).await?;
+    assert_eq!(
+        (code, body["resource"].as_str()),
+        (503, Some("store")),
+        "{body}"
+    );
+    let v = node_until(node, "an unavailable store", |v| {
+        store_state(v) == "unavailable"
+    })
+    .await?;
+    assert!(
+        v["store"]["reason"].as_str().unwrap().contains("answer"),
+        "{v}"
+    );
+    // What does not need the store answers at once, again and again.
+    for _ in 0..5 {
+        for path in ["/v1/node", "/v1/environments", "/v1/workers"] {
+            let (code, body) = answered(node, path, Duration::from_secs(5)).await?;
+            assert_eq!(code, 200, "{path}: {body}");
+        }
+        let (code, body) = answered(node, "/healthz", Duration::from_secs(5)).await?;
+        assert_eq!(code, 503, "{body}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (code, body) = tokio::time::timeout(
+        Duration::from_secs(30),
+        node.request_env(json!({"image": "nothing:1", "owner": "tester@example.com"})),
+    )
+    .await??;
+    assert_eq!(
+        (code, body["resource"].as_str()),
+        (503, Some("store")),
+        "{body}"
+    );
+
+    // The server answers again: the node finds out by itself.
+    fs.release();
+    node_until(node, "an ok store", |v| store_state(v) == "ok").await?;
+    let (code, body) = answered(node, "/v1/images", Duration::from_secs(20)).await?;
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = answered(node, "/healthz", Duration::from_secs(5)).await?;
+    assert_eq!(code, 200);
+    drop(fs);
+    Ok(())
+}
