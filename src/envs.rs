@@ -878,3 +878,38 @@ impl ProgressSink {
         }
     }
 }
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_atomic_write_leaves_the_old_file_and_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rec.json");
+        write_atomic(&path, b"old").unwrap();
+        // The rename cannot replace a directory: the write fails late.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("x"), b"").unwrap();
+        assert!(write_atomic(&blocked, b"new").is_err());
+        write_atomic(&path, b"new").unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["blocked", "rec.json"]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn disk_full_errors_are_told_apart() {
+        let full = std::io::Error::from_raw_os_error(nix::libc::ENOSPC);
+        assert!(crate::host::is_disk_full(&full));
+        let quota = std::io::Error::from_raw_os_error(nix::libc::EDQUOT);
+        assert!(crate::host::is_disk_full(&quota));
+        let other = std::io::Error::from_raw_os_error(nix::libc::EACCES);
+        assert!(!crate::host::is_disk_full(&other));
+    }
+}
