@@ -53,6 +53,9 @@ pub struct AppState {
     pub builds: Arc<crate::builds::Builds>,
     pub mail: Arc<crate::mail::Mailer>,
     pub workers: Arc<crate::workers::Workers>,
+    /// Cancelled when the node begins to shut down: long answers (event
+    /// streams) end then, so the server can close every connection.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// An error answer: status plus the JSON body.
@@ -106,6 +109,11 @@ impl From<StoreError> for ApiError {
             StoreError::BadArchive(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
             }
+            StoreError::Unavailable { .. } | StoreError::ReadOnly { .. } => {
+                let mut a = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                a.body.resource = Some("store".into());
+                a
+            }
             _ => {
                 warn!(error = %e, "store error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -123,12 +131,18 @@ impl From<EnvError> for ApiError {
                 a
             }
             EnvError::NotFound(_) => ApiError::field(StatusCode::NOT_FOUND, "id", e.to_string()),
+            EnvError::DiskFull { .. } => {
+                let mut a = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                a.body.resource = Some("disk".into());
+                a
+            }
             EnvError::Draining(_) => {
                 let mut a = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
                 a.body.resource = Some("draining".into());
                 a
             }
             EnvError::Store(s) => s.into(),
+            EnvError::Transfer(crate::transfer::TransferError::Store(s)) => s.into(),
             EnvError::Reservation(ref r) => {
                 use crate::reaper::ReservationError as R;
                 match r {
@@ -177,7 +191,7 @@ fn field_in_message(msg: &str) -> Option<String> {
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/v1/node", get(node))
         .route("/v1/images", get(list_images).post(publish))
         .route("/v1/images/{image}", get(get_image))
@@ -206,6 +220,27 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// `GET /healthz`: 200 `ok` when the node can do its job, else 503 with
+/// `{"status": "unhealthy", "problems": [{"check", "error"}]}`.
+async fn healthz(State(s): State<Arc<AppState>>) -> Response {
+    let problems: Vec<serde_json::Value> = [store_problem(&s)].into_iter().flatten().collect();
+    if problems.is_empty() {
+        return "ok".into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({"status": "unhealthy", "problems": problems})),
+    )
+        .into_response()
+}
+
+/// The store's part of `/healthz`: a problem when it is unavailable (a
+/// read-only store still serves loads, so it is not one).
+fn store_problem(s: &AppState) -> Option<serde_json::Value> {
+    let e = s.envs.store().usable().err()?;
+    Some(serde_json::json!({"check": "store", "error": e.to_string()}))
 }
 
 /// The body as bytes, with the size limit answered in JSON.
@@ -243,22 +278,13 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
             s.engine.containerd_store,
         ),
         gossip: s.cluster.gossip_security(),
+        store: s.envs.store().status(),
     }))
 }
 
 async fn list_images(State(s): State<Arc<AppState>>) -> Result<Json<Vec<ImageInfo>>, ApiError> {
-    let store = s.envs.store().clone();
-    let list = blocking(move || store.list()).await??;
+    let list = s.envs.store().call(|st| st.list()).await?;
     Ok(Json(list.iter().map(ImageInfo::from).collect()))
-}
-
-/// Runs blocking store I/O off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 fn parse_ref(field: &str, s: &str) -> Result<ImageRef, ApiError> {
@@ -272,8 +298,7 @@ async fn get_image(
     Path(image): Path<String>,
 ) -> Result<Json<ImageInfo>, ApiError> {
     let r = parse_ref("image", &image)?;
-    let store = s.envs.store().clone();
-    let m = blocking(move || store.get(&r)).await??;
+    let m = s.envs.store().call(move |st| st.get(&r)).await?;
     Ok(Json(ImageInfo::from(&m)))
 }
 
@@ -284,6 +309,7 @@ async fn publish(
     let body = body_bytes(req).await?;
     let req: PublishRequest = parse_body(&body)?;
     let r = parse_ref("ref", &req.image_ref)?;
+    s.envs.store().writable()?;
     let engine = s.envs.engine().clone();
     let img = engine
         .image(&req.source)
@@ -302,10 +328,8 @@ async fn publish(
     };
     let store = s.envs.store().clone();
     let existed = {
-        let (st, r2) = (store.clone(), r.clone());
-        tokio::task::spawn_blocking(move || st.get(&r2).is_ok())
-            .await
-            .unwrap_or(false)
+        let r2 = r.clone();
+        store.call(move |st| Ok(st.get(&r2).is_ok())).await?
     };
     let (manifest, stats) = crate::transfer::publish(&engine, &store, &img.id, &r, hint).await?;
     info!(image = %r, layers_added = stats.layers_added, bytes_added = stats.bytes_added, "published");
@@ -369,8 +393,7 @@ async fn env_request(
     let body = body_bytes(req).await?;
     let req: EnvRequest = parse_body(&body)?;
     let r = req.image_ref()?;
-    let store = s.envs.store().clone();
-    let manifest = blocking(move || store.get(&r)).await??;
+    let manifest = s.envs.store().call(move |st| st.get(&r)).await?;
     let spec = req.check(&manifest.requirements, s.envs.settings().default_memory)?;
     crate::reaper::initial_expiry(
         time::OffsetDateTime::now_utc(),

@@ -3,7 +3,7 @@
 //! in order on a signal. `run` takes its listener and shutdown signal as
 //! arguments, so tests bind port 0 and stop it when they like.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,6 +86,12 @@ fn reload_keys(cluster: &Cluster, reload: &Reloader) {
 /// starting before it leaves anyway.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 
+/// How long a stopping node, once drained, waits for open HTTP answers
+/// before it closes them. Event streams end as soon as shutdown begins, so
+/// this only bounds a slow client; with [`DRAIN_DEADLINE`] it stays well
+/// inside the unit's `TimeoutStopSec`.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// The demo build every new user can request right away.
 pub const DEMO_REF: &str = "demo:1";
 
@@ -117,10 +123,21 @@ pub async fn run(
         })
     })?;
     let keyring = load_keyring(&settings)?;
-    let store = Store::open(&settings.store)?;
-    if opts.demo {
-        ensure_demo(&engine, &store).await?;
+    // A store that never existed is created; one this node knew and that
+    // is gone is refused until it is back (`store-watch` below). Either
+    // way the node starts and serves what does not need the store.
+    let store = Store::for_node(settings.store.clone(), settings.data_dir.clone());
+    store.check().await;
+    if let Err(e) = store.usable() {
+        warn!(store = %settings.store.display(), error = %e, "starting without the image store");
     }
+    if opts.demo {
+        match store.writable() {
+            Ok(()) => ensure_demo(&engine, &store).await?,
+            Err(e) => warn!(error = %e, "demo image not published"),
+        }
+    }
+    let store_watch = store.clone().watch();
     let envs = Envs::recover(settings.clone(), engine, store).await?;
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
     let http_addr = if addr.ip().is_unspecified() {
@@ -137,6 +154,7 @@ pub async fn run(
     )
     .await?;
     let workers = crate::workers::Workers::new();
+    workers.adopt("store-watch", tokio::spawn(store_watch));
     workers.adopt("gossip-publisher", cluster.spawn_publisher());
     workers.adopt("stall-watch", cluster.spawn_stall_watch());
     if let Some(watch) = cluster.spawn_gossip_watch().await {
@@ -184,6 +202,9 @@ pub async fn run(
             time::OffsetDateTime::now_utc,
         )),
     );
+    // Cancelled when shutdown begins: event streams end, so the server's
+    // graceful shutdown is not held up by a client that never hangs up.
+    let stopping = tokio_util::sync::CancellationToken::new();
     let state = Arc::new(AppState {
         envs: envs.clone(),
         engine: info,
@@ -191,6 +212,7 @@ pub async fn run(
         builds,
         mail,
         workers: workers.clone(),
+        shutdown: stopping.clone(),
     });
 
     // Reconcile worker: notices containers that stopped on their own and
@@ -218,11 +240,13 @@ pub async fn run(
     .map_err(DaemonError::Serve)?;
     info!(node = %settings.name, http = %addr, store = %settings.store.display(), "node ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain = {
         let (envs, cluster) = (envs.clone(), cluster.clone());
         async move {
             shutdown.await;
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+            stopping.cancel();
             // Ordered shutdown: tell the cluster we take nothing new, give
             // in-flight starts a deadline, leave the cluster, stop serving.
             // Running environments are never stopped.
@@ -238,11 +262,26 @@ pub async fn run(
             }
             cluster.shutdown().await;
             info!("left the cluster; running environments stay up");
+            let _ = drained_tx.send(());
         }
     };
-    let served = axum::serve(listener, router(state))
+    let serve = axum::serve(listener, router(state))
         .with_graceful_shutdown(drain)
-        .await;
+        .into_future();
+    // Graceful, but bounded: answers still open [`CLOSE_GRACE`] after the
+    // drain are cut off (the stop timeout of the unit must not be reached).
+    let served = tokio::select! {
+        served = serve => served,
+        () = async {
+            match drained_rx.await {
+                Ok(()) => tokio::time::sleep(CLOSE_GRACE).await,
+                Err(_) => std::future::pending().await,
+            }
+        } => {
+            warn!(grace_secs = CLOSE_GRACE.as_secs(), "connections still open after the drain: closing them");
+            Ok(())
+        }
+    };
     workers.abort_all();
     served.map_err(DaemonError::Serve)
 }

@@ -59,6 +59,8 @@ pub enum EnvError {
     Host(#[from] crate::host::HostError),
     #[error(transparent)]
     Reservation(#[from] crate::reaper::ReservationError),
+    #[error("the data directory of node {node} is full: no new environments until there is room")]
+    DiskFull { node: String },
     #[error("journal {path}: {source}")]
     Journal {
         path: PathBuf,
@@ -353,6 +355,17 @@ impl Envs {
     ) -> Result<EnvRecord, EnvError> {
         if self.is_draining() {
             return Err(EnvError::Draining(self.settings.name.clone()));
+        }
+        // A full data dir cannot journal the environment: refuse before
+        // reserving (the journal write below catches what this misses).
+        match crate::host::disk_free(self.journal.dir()) {
+            Ok(free) if free < DATA_DIR_MIN_FREE => {
+                warn!(node = %self.settings.name, free, "data directory full: refusing new environments");
+                return Err(EnvError::DiskFull {
+                    node: self.settings.name.clone(),
+                });
+            }
+            _ => {}
         }
         let cap = self.capacity()?;
         let id = new_id();
@@ -889,7 +902,7 @@ impl Envs {
         self.notify();
         if let Some((rec, seq)) = snap {
             if let Err(e) = self.write_journal(&rec, seq) {
-                warn!(env = %id, error = %e, "journal write failed");
+                tracing::error!(env = %id, error = %e, "journal write failed");
             }
         }
     }
@@ -918,22 +931,36 @@ impl Envs {
         if let Some((rec, seq)) = snap {
             self.notify();
             if let Err(e) = self.write_journal(&rec, seq) {
-                warn!(env = %id, error = %e, "journal write failed");
+                tracing::error!(env = %id, error = %e, "journal write failed");
             }
         }
     }
 
     /// Writes a snapshot taken under the state lock as of `seq`; a write
-    /// overtaken by a newer one (or by the delete) is dropped.
+    /// overtaken by a newer one (or by the delete) is dropped. A failed
+    /// write leaves the old file whole; a full disk is `DiskFull`.
     fn write_journal(&self, rec: &EnvRecord, seq: u64) -> Result<(), EnvError> {
         let hook = self.faults.lock().unwrap().before_journal_write.clone();
         if let Some(hook) = hook {
             hook(rec);
         }
-        if !self.journal.write(rec, seq)? {
-            info!(env = %rec.id, "journal write overtaken by a newer one: dropped");
+        match self.journal.write(rec, seq) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                info!(env = %rec.id, "journal write overtaken by a newer one: dropped");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(env = %rec.id, path = %e.path.display(), error = %e.source, "journal write failed");
+                if crate::host::is_disk_full(&e.source) {
+                    Err(EnvError::DiskFull {
+                        node: self.settings.name.clone(),
+                    })
+                } else {
+                    Err(e.into())
+                }
+            }
         }
-        Ok(())
     }
 
     fn read_journal(&self) -> BTreeMap<String, EnvRecord> {
@@ -947,7 +974,12 @@ fn now_s() -> OffsetDateTime {
     now.replace_nanosecond(0).unwrap_or(now)
 }
 
-/// Writes a file so that a crash leaves the old or the new content.
+/// Free bytes the data dir must keep for a new environment to be admitted
+/// (its journal record is a few KiB; mails and status changes follow).
+pub const DATA_DIR_MIN_FREE: u64 = 1 << 20;
+
+/// Writes a file so that a crash leaves the old or the new content, and a
+/// failed write (a full disk) leaves the old file and no temp file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
@@ -955,12 +987,16 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("f"),
         uuid::Uuid::new_v4().simple()
     ));
-    {
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -1236,5 +1272,40 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(gone.unwrap().status, EnvStatus::Deleted);
         assert!(envs.get(id).is_none());
+    }
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_atomic_write_leaves_the_old_file_and_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rec.json");
+        write_atomic(&path, b"old").unwrap();
+        // The rename cannot replace a directory: the write fails late.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("x"), b"").unwrap();
+        assert!(write_atomic(&blocked, b"new").is_err());
+        write_atomic(&path, b"new").unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["blocked", "rec.json"]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn disk_full_errors_are_told_apart() {
+        let full = std::io::Error::from_raw_os_error(nix::libc::ENOSPC);
+        assert!(crate::host::is_disk_full(&full));
+        let quota = std::io::Error::from_raw_os_error(nix::libc::EDQUOT);
+        assert!(crate::host::is_disk_full(&quota));
+        let other = std::io::Error::from_raw_os_error(nix::libc::EACCES);
+        assert!(!crate::host::is_disk_full(&other));
     }
 }

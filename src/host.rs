@@ -15,6 +15,18 @@ pub enum HostError {
     Parse { path: String, value: String },
 }
 
+/// Bytes an unprivileged writer can still put on the filesystem of `path`.
+pub fn disk_free(path: &Path) -> std::io::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Whether an I/O error means the filesystem is full (or over quota).
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(c) if c == nix::libc::ENOSPC || c == nix::libc::EDQUOT)
+        || e.kind() == std::io::ErrorKind::StorageFull
+}
+
 /// Total physical memory, bytes.
 pub fn total_memory() -> u64 {
     let mut sys = sysinfo::System::new();

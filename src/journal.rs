@@ -65,6 +65,11 @@ impl Journal {
         })
     }
 
+    /// The journal directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     fn path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.json"))
     }

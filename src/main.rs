@@ -747,6 +747,15 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
                 for note in n.storage_notes {
                     println!("note        {note}");
                 }
+                println!(
+                    "store       {} {}{}",
+                    n.store.path.display(),
+                    serde_json::to_value(n.store.state)?.as_str().unwrap_or("?"),
+                    n.store
+                        .reason
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                );
             }
         }
     }

@@ -346,6 +346,9 @@ pub struct NodeInfo {
     /// What the storage driver is known to limit (the seed's overlay could
     /// not write files over 2.5 GB).
     pub storage_notes: Vec<String>,
+    /// The image store as this node sees it: `ok`, `read_only` (loads
+    /// only) or `unavailable` (with the reason).
+    pub store: crate::store::StoreStatus,
     /// How this node's gossip is protected.
     #[serde(default)]
     pub gossip: GossipSecurity,

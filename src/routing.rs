@@ -426,9 +426,14 @@ impl Cluster {
                             body: serde_json::to_vec(&rec).expect("serializes").into(),
                         })
                     }
-                    Err(e @ (EnvError::Refused { .. } | EnvError::Draining(_))) => {
+                    Err(
+                        e @ (EnvError::Refused { .. }
+                        | EnvError::Draining(_)
+                        | EnvError::DiskFull { .. }),
+                    ) => {
                         let resource = match &e {
                             EnvError::Refused { shortage, .. } => shortage.resource(),
+                            EnvError::DiskFull { .. } => "disk",
                             _ => "draining",
                         };
                         reasons.push(NodeReason {

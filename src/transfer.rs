@@ -6,6 +6,7 @@
 //! bounded channel.
 
 use std::io::Write;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -45,6 +46,7 @@ pub async fn publish_derived(
     hint: PublishHint,
     base: Option<ImageRef>,
 ) -> Result<(Manifest, PublishStats), StoreError> {
+    store.writable()?;
     // A pump reads the save stream ahead into a deep buffer, so the engine
     // keeps writing while the blocking side hashes and compresses: without
     // it the two take turns (the socket buffer is all that lies between).
@@ -84,6 +86,8 @@ pub async fn load(
     skip: usize,
     mut progress: Box<dyn FnMut(u64) + Send>,
 ) -> Result<LoadStats, TransferError> {
+    store.usable()?;
+    let store_ref = store;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let store = store.clone();
     let manifest = m.clone();
@@ -99,16 +103,46 @@ pub async fn load(
         }
         res
     });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    // A store that stops answering mid-load (a hung mount) ends the upload
+    // with an error instead of holding it, and the environment, for ever.
+    let stream = stall_guard(tokio_stream::wrappers::ReceiverStream::new(rx), LOAD_STALL);
     let loaded = engine.load(stream).await;
-    let written = writer
-        .await
-        .map_err(|e| TransferError::Task(e.to_string()))?;
+    let written = match tokio::time::timeout(LOAD_STALL, writer).await {
+        Ok(joined) => joined.map_err(|e| TransferError::Task(e.to_string()))?,
+        // The writer is stuck in a store read: leave it to the store.
+        Err(_) => return Err(store_ref.not_answering(LOAD_STALL).into()),
+    };
     // The store's error says why a load broke off (a bad layer); the
     // engine's only that it did.
     let stats = written?;
     loaded?;
     Ok(stats)
+}
+
+/// The longest a load waits for the next chunk from the store.
+pub const LOAD_STALL: Duration = Duration::from_secs(60);
+
+/// `chunks` as they come, ended by an error when none comes for `stall`.
+fn stall_guard(
+    chunks: impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    stall: Duration,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    futures::stream::unfold((chunks, false), move |(mut chunks, done)| async move {
+        if done {
+            return None;
+        }
+        match tokio::time::timeout(stall, chunks.next()).await {
+            Ok(Some(item)) => Some((item, (chunks, false))),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the image store stopped answering",
+                )),
+                (chunks, true),
+            )),
+        }
+    })
 }
 
 /// A `Write` that forwards the archive to the engine upload in 1 MiB
@@ -162,5 +196,33 @@ impl Write for ChannelWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_store_ends_the_load_stream_with_an_error() {
+        let chunks =
+            futures::stream::iter([Ok(Bytes::from_static(b"a"))]).chain(futures::stream::pending());
+        let got: Vec<_> = stall_guard(Box::pin(chunks), Duration::from_secs(60))
+            .collect()
+            .await;
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].as_ref().unwrap(), &Bytes::from_static(b"a"));
+        assert_eq!(
+            got[1].as_ref().unwrap_err().kind(),
+            std::io::ErrorKind::TimedOut
+        );
+        // A stream that ends is passed on as it is.
+        let done: Vec<_> = stall_guard(
+            futures::stream::iter([Ok(Bytes::from_static(b"b"))]),
+            Duration::from_secs(60),
+        )
+        .collect()
+        .await;
+        assert_eq!(done.len(), 1);
     }
 }

@@ -371,7 +371,9 @@ impl Mailer {
                 self.wake.notify_one();
             }
             Ok(false) => {}
-            Err(e) => warn!(env = %rec.id, owner = %rec.owner, error = %e, "cannot queue mail"),
+            Err(e) => {
+                tracing::error!(env = %rec.id, owner = %rec.owner, error = %e, "cannot queue mail")
+            }
         }
     }
 

@@ -8,7 +8,9 @@
 //! crash leaves the old or the new state, never a manifest that points at a
 //! missing or partial layer.
 
+mod health;
 pub mod manifest;
+pub mod marker;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -19,6 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use time::OffsetDateTime;
 
+pub use health::{StoreState, StoreStatus, CALL_TIMEOUT, CHECK_EVERY};
 pub use manifest::{ImageRef, LayerEntry, Manifest, Requirements};
 
 use crate::archive::load::{blob_path, metadata_files, LoadError, LoadWriter};
@@ -58,6 +61,10 @@ pub enum StoreError {
     SaveStream(std::io::Error),
     #[error("image config: {0}")]
     Config(BadConfig),
+    #[error("{store} is unavailable: {reason}")]
+    Unavailable { store: String, reason: String },
+    #[error("{store} is read-only: publishing is refused")]
+    ReadOnly { store: String },
 }
 
 /// What publishing knows before the `docker save` stream starts: the image
@@ -111,10 +118,12 @@ pub struct PublishStats {
 }
 
 /// A handle on the store directory. Cheap to clone; every method does
-/// blocking file I/O, so async callers use `spawn_blocking`.
+/// blocking file I/O, so async callers use [`Store::call`] (bounded) or
+/// `spawn_blocking`. Clones share one [`StoreStatus`] (`store/health.rs`).
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    health: std::sync::Arc<health::Health>,
 }
 
 impl Store {
@@ -124,13 +133,33 @@ impl Store {
     /// Only leftovers untouched for [`TMP_GRACE`] are removed: the store may
     /// be an NFS directory shared by nodes, and another node may be writing
     /// into `tmp/` right now (a live writer keeps its file's mtime fresh).
+    ///
+    /// A store opened here is trusted as it is (tools, tests): a new one
+    /// gets its marker (`store/marker.rs`), an existing one is used. A
+    /// daemon uses [`Store::for_node`], which refuses a store it knew that
+    /// is gone instead of making a new one.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        let store = Store {
-            root: root.to_path_buf(),
-        };
-        for dir in [store.layers_dir(), store.manifests_dir(), store.tmp_dir()] {
+        for dir in [
+            root.join("layers/sha256"),
+            root.join("manifests"),
+            root.join("tmp"),
+        ] {
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         }
+        let m = match marker::look(root).map_err(io_at(root))? {
+            marker::Seen::Marked(m) => m,
+            _ => marker::write_marker(root, &marker::Marker::new()).map_err(io_at(root))?,
+        };
+        let store = Store {
+            root: root.to_path_buf(),
+            health: std::sync::Arc::new(health::Health::new(
+                root.to_path_buf(),
+                StoreState::Ok,
+                Some(m.id),
+                None,
+                None,
+            )),
+        };
         store.clean_tmp(TMP_GRACE)?;
         Ok(store)
     }

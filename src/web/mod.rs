@@ -95,11 +95,10 @@ fn ttls(s: &AppState) -> Vec<(String, bool)> {
 }
 
 async fn images(s: &AppState) -> Vec<ImageInfo> {
-    let store = s.envs.store().clone();
-    tokio::task::spawn_blocking(move || store.list())
+    s.envs
+        .store()
+        .call(|st| st.list())
         .await
-        .ok()
-        .and_then(Result::ok)
         .map(|l| l.iter().map(ImageInfo::from).collect())
         .unwrap_or_default()
 }
@@ -196,10 +195,14 @@ async fn request_form(State(s): State<Arc<AppState>>, Form(f): Form<RequestForm>
         Ok(r) => r,
         Err(e) => return fail(StatusCode::BAD_REQUEST, e.to_string()).await,
     };
-    let store = s.envs.store().clone();
-    let manifest = match tokio::task::spawn_blocking(move || store.get(&r)).await {
-        Ok(Ok(m)) => m,
-        Ok(Err(e)) => return fail(StatusCode::NOT_FOUND, e.to_string()).await,
+    let manifest = match s.envs.store().call(move |st| st.get(&r)).await {
+        Ok(m) => m,
+        Err(e @ crate::store::StoreError::NotFound(_)) => {
+            return fail(StatusCode::NOT_FOUND, e.to_string()).await
+        }
+        Err(e @ crate::store::StoreError::Unavailable { .. }) => {
+            return fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).await
+        }
         Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).await,
     };
     let spec = match req.check(&manifest.requirements, s.envs.settings().default_memory) {

@@ -7,6 +7,9 @@
 //! relays the owner's stream byte for byte (a node-to-node call with the
 //! local header); for an owner the cluster calls dead it sends the `lost`
 //! record once and ends.
+//!
+//! Every stream ends when the node begins to shut down (`AppState::shutdown`):
+//! an open stream must never keep a stopping node alive.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,9 +22,10 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::api::{ApiError, AppState};
@@ -44,7 +48,7 @@ pub async fn events(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     if s.envs.get(&id).is_some() {
-        return Ok(local(s.envs.clone(), id));
+        return Ok(local(s.envs.clone(), id, s.shutdown.clone()));
     }
     if !headers.contains_key(LOCAL_HEADER) {
         if let Some((node, summary)) = s.cluster.owner_of(&id) {
@@ -54,11 +58,11 @@ pub async fn events(
                 return Ok(Sse::new(once).into_response());
             }
             if let Some(addr) = node.facts.as_ref().map(|f| f.http_addr.clone()) {
-                return relay(&addr, &id).await;
+                return relay(&addr, &id, s.shutdown.clone()).await;
             }
         } else if let Some(addr) = ask_peers(&s, &id).await {
             // Just created: gossip does not show it yet.
-            return relay(&addr, &id).await;
+            return relay(&addr, &id, s.shutdown.clone()).await;
         }
     }
     Err(ApiError::field(
@@ -99,8 +103,8 @@ async fn ask_peers(s: &AppState, id: &str) -> Option<String> {
 }
 
 /// The stream of a local environment: the record on every change, then a
-/// last `deleted` record.
-fn local(envs: Arc<Envs>, id: String) -> Response {
+/// last `deleted` record. It ends early when the node shuts down.
+fn local(envs: Arc<Envs>, id: String, shutdown: CancellationToken) -> Response {
     // Subscribed before the first read, so no change falls in between.
     let rx = envs.subscribe();
     let stream = futures::stream::unfold(
@@ -131,13 +135,14 @@ fn local(envs: Arc<Envs>, id: String) -> Response {
             }
         },
     );
+    let stream = stream.take_until(shutdown.cancelled_owned());
     Sse::new(stream.map(Ok::<_, Infallible>))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
 }
 
-/// Relays the owner's stream as it comes.
-async fn relay(addr: &str, id: &str) -> Result<Response, ApiError> {
+/// Relays the owner's stream as it comes, until this node shuts down.
+async fn relay(addr: &str, id: &str, shutdown: CancellationToken) -> Result<Response, ApiError> {
     let client = HyperClient::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let req = hyper::Request::get(format!("http://{addr}/v1/environments/{id}/events"))
         .header(LOCAL_HEADER, "1")
@@ -170,7 +175,11 @@ async fn relay(addr: &str, id: &str) -> Result<Response, ApiError> {
                 header::HeaderValue::from_static("no-cache"),
             ),
         ],
-        Body::new(resp.into_body()),
+        Body::from_stream(
+            resp.into_body()
+                .into_data_stream()
+                .take_until(shutdown.cancelled_owned()),
+        ),
     )
         .into_response())
 }
