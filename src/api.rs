@@ -53,6 +53,8 @@ pub struct AppState {
     pub builds: Arc<crate::builds::Builds>,
     pub mail: Arc<crate::mail::Mailer>,
     pub workers: Arc<crate::workers::Workers>,
+    /// `/healthz`'s bounded stat of the store.
+    pub store_probe: crate::health::StoreProbe,
 }
 
 /// An error answer: status plus the JSON body.
@@ -128,6 +130,7 @@ impl From<EnvError> for ApiError {
                 a.body.resource = Some("draining".into());
                 a
             }
+            EnvError::EngineDown { .. } => engine_down(e.to_string()),
             EnvError::Store(s) => s.into(),
             EnvError::Reservation(ref r) => {
                 use crate::reaper::ReservationError as R;
@@ -139,6 +142,7 @@ impl From<EnvError> for ApiError {
                     R::Zero => ApiError::field(StatusCode::BAD_REQUEST, "by", e.to_string()),
                 }
             }
+            EnvError::Docker(ref d) if d.no_answer().is_some() => engine_down(e.to_string()),
             EnvError::Docker(_) => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
             _ => {
                 warn!(error = %e, "environment error");
@@ -146,6 +150,14 @@ impl From<EnvError> for ApiError {
             }
         }
     }
+}
+
+/// 503 naming the engine: the node's Docker engine does not answer (the
+/// call may succeed later, or on another node).
+fn engine_down(error: String) -> ApiError {
+    let mut a = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error);
+    a.body.resource = Some("engine".into());
+    a
 }
 
 /// Parses a JSON body, naming the offending field on error. Any content
@@ -177,7 +189,7 @@ fn field_in_message(msg: &str) -> Option<String> {
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/v1/node", get(node))
         .route("/v1/images", get(list_images).post(publish))
         .route("/v1/images/{image}", get(get_image))
@@ -236,6 +248,7 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
         max_envs: cap.max_envs,
         env_count: c.envs,
         engine_version: s.engine.server_version.clone(),
+        engine: envs.engine_health(),
         storage_driver: s.engine.storage_driver.clone(),
         containerd_store: s.engine.containerd_store,
         storage_notes: crate::host::storage_notes(
@@ -244,6 +257,34 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
         ),
     }))
 }
+
+/// `GET /healthz`: 200 only when the node can do its job (engine answers,
+/// state lock free, store answers, gossip and every worker running, not
+/// draining); otherwise 503 with what is wrong. Cheap: the engine's state
+/// comes from its monitor, the store gets one stat at most per call.
+async fn healthz(State(s): State<Arc<AppState>>) -> Response {
+    let inputs = crate::health::HealthInputs {
+        engine: s.envs.engine_health(),
+        state_lock: s.envs.state_lock_ok(HEALTH_LOCK_WAIT).await,
+        store: s
+            .store_probe
+            .check(s.envs.store().root().to_path_buf())
+            .await,
+        gossip: s.cluster.gossip_running().await,
+        workers: s.workers.list(),
+        draining: s.envs.is_draining(),
+    };
+    let report = crate::health::assess(&inputs);
+    let status = if report.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report)).into_response()
+}
+
+/// How long `/healthz` tries to take the state lock.
+const HEALTH_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn list_images(State(s): State<Arc<AppState>>) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     let store = s.envs.store().clone();
@@ -283,6 +324,7 @@ async fn publish(
     let body = body_bytes(req).await?;
     let req: PublishRequest = parse_body(&body)?;
     let r = parse_ref("ref", &req.image_ref)?;
+    s.envs.engine_ready()?;
     let engine = s.envs.engine().clone();
     let img = engine
         .image(&req.source)

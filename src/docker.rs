@@ -6,8 +6,21 @@
 //! The engine is the truth for what runs on this node: every environment
 //! container carries its immutable record in labels (see [`labels`]), and a
 //! restarted daemon rebuilds its view from them.
+//!
+//! Every call is bounded (see [`limits`]): an engine that died fails a call
+//! at once (the socket refuses), one that hangs (a stopped `dockerd`
+//! accepts connections and never answers) fails it after the limit of its
+//! kind. bollard's own timeout is one per client and covers only the
+//! response head, so each call also runs under a `tokio::time::timeout`
+//! of its kind; streams (load, save) are bounded by progress instead of a
+//! total. [`DockerError::no_answer`] tells "the engine did not answer"
+//! from "the engine answered no", which callers must treat differently (an
+//! engine that does not answer says nothing about the containers).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
@@ -34,10 +47,50 @@ pub mod labels {
     pub const EXPIRES_AT: &str = "shoal.env.expires_at";
 }
 
+/// How long each kind of engine call may take.
+pub mod limits {
+    use std::time::Duration;
+
+    /// Calls the engine answers from memory: ping, version, info, inspect,
+    /// list, tag, the tail of a container's log.
+    pub const QUICK: Duration = Duration::from_secs(10);
+    /// The health monitor's ping (a healthy engine answers in milliseconds).
+    pub const PING: Duration = Duration::from_secs(5);
+    /// Calls that change a container or an image: create, start, remove
+    /// (a forced remove stops the container first), untag, a whole log.
+    pub const CHANGE: Duration = Duration::from_secs(120);
+    /// Committing an installer container (tars its whole diff). Builds are
+    /// bounded as a whole by the recipe's `timeout` as well.
+    pub const COMMIT: Duration = Duration::from_secs(30 * 60);
+    /// A load fails when the engine takes no byte of the archive and
+    /// reports no progress for this long.
+    pub const LOAD_IDLE: Duration = Duration::from_secs(60);
+    /// A load fails after this long however steady its progress (a backstop;
+    /// 2 h is 360 GB at 50 MB/s).
+    pub const LOAD_MAX: Duration = Duration::from_secs(2 * 3600);
+    /// A save (`docker save`) writes the whole image to a temp directory
+    /// before its first byte: the first chunk may take this long...
+    pub const SAVE_FIRST_BYTE: Duration = Duration::from_secs(30 * 60);
+    /// ...and each later chunk this long.
+    pub const SAVE_IDLE: Duration = Duration::from_secs(60);
+}
+
+/// Why the engine did not answer a call (as opposed to answering no).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// Nothing listens: the socket is missing, refuses or drops the
+    /// connection (the engine is not running). A short reason.
+    Unreachable(&'static str),
+    /// Connected, but no answer within the call's limit (a frozen engine).
+    Hung,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     #[error("cannot reach the docker engine: {0}")]
     Connect(String),
+    #[error("docker {op}: no answer within {}", crate::units::format_duration(*after))]
+    Timeout { op: &'static str, after: Duration },
     #[error("docker {op}: {source}")]
     Api {
         op: &'static str,
@@ -52,6 +105,90 @@ pub enum DockerError {
 
 fn api(op: &'static str) -> impl FnOnce(bollard::errors::Error) -> DockerError {
     move |source| DockerError::Api { op, source }
+}
+
+impl DockerError {
+    /// `Some` when the engine did not answer (unreachable or hung), `None`
+    /// when it answered (an error status, a bad image, a failed build).
+    pub fn no_answer(&self) -> Option<NoAnswer> {
+        match self {
+            DockerError::Connect(_) => Some(NoAnswer::Unreachable("cannot connect")),
+            DockerError::Timeout { .. } => Some(NoAnswer::Hung),
+            DockerError::Api { source, .. } => transport_failure(source),
+            DockerError::Load(_) | DockerError::Build(_) => None,
+        }
+    }
+}
+
+/// Classifies a bollard error: `None` when the engine answered.
+fn transport_failure(e: &bollard::errors::Error) -> Option<NoAnswer> {
+    use bollard::errors::Error as B;
+    // Some variants are `#[error(transparent)]`: their `source()` skips
+    // the inner error, so the walk starts at the inner error itself.
+    let start: &(dyn std::error::Error + 'static) = match e {
+        B::RequestTimeoutError => return Some(NoAnswer::Hung),
+        B::SocketNotFoundError(_) => return Some(NoAnswer::Unreachable("socket missing")),
+        B::HyperResponseError { err } => err,
+        B::HyperLegacyError { err } => err,
+        B::IOError { err } => err,
+        _ => return None,
+    };
+    let mut cause = Some(start);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return Some(NoAnswer::Unreachable(match io.kind() {
+                K::ConnectionRefused => "connection refused",
+                K::NotFound => "socket missing",
+                K::PermissionDenied => "permission denied on the socket",
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+                    "connection lost"
+                }
+                _ => "connection failed",
+            }));
+        }
+        cause = c.source();
+    }
+    Some(NoAnswer::Unreachable("connection failed"))
+}
+
+/// Runs one engine call under `limit`. The outer error is the timeout;
+/// the inner result is the engine's (so callers can still match 404s).
+async fn within<T>(
+    op: &'static str,
+    limit: Duration,
+    call: impl Future<Output = Result<T, bollard::errors::Error>>,
+) -> Result<Result<T, bollard::errors::Error>, DockerError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .map_err(|_| DockerError::Timeout { op, after: limit })
+}
+
+/// A stream that fails when its next item takes longer than `first` (the
+/// first item) or `idle` (every later one).
+fn idle_bounded<S>(
+    op: &'static str,
+    inner: S,
+    first: Duration,
+    idle: Duration,
+) -> impl Stream<Item = Result<Bytes, DockerError>> + Send + 'static
+where
+    S: Stream<Item = Result<Bytes, DockerError>> + Send + Unpin + 'static,
+{
+    futures::stream::unfold(Some((inner, first)), move |state| async move {
+        let (mut inner, limit) = state?;
+        match tokio::time::timeout(limit, inner.next()).await {
+            Ok(Some(Ok(b))) => Some((Ok(b), Some((inner, idle)))),
+            Ok(Some(Err(e))) => Some((Err(e), None)),
+            Ok(None) => None,
+            Err(_) => Some((Err(DockerError::Timeout { op, after: limit }), None)),
+        }
+    })
+}
+
+/// Milliseconds since `base`, for progress stamps shared across tasks.
+fn millis_since(base: tokio::time::Instant) -> u64 {
+    base.elapsed().as_millis() as u64
 }
 
 fn is_not_found(e: &bollard::errors::Error) -> bool {
@@ -124,31 +261,41 @@ pub struct Engine {
     docker: bollard::Docker,
 }
 
-/// Loads and builds upload whole images through one request, so the
-/// client-side timeout must cover the largest image, not a small call.
-const LONG_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
-
 impl Engine {
     /// Connects to the engine named by `DOCKER_HOST`, or the default socket,
-    /// and agrees on an API version the engine speaks.
+    /// and agrees on an API version the engine speaks (bollard 0.21 speaks
+    /// 1.52 by default; Debian's engine 20.10 speaks 1.41).
     pub async fn connect() -> Result<Engine, DockerError> {
+        // The client's own timeout bounds the response head of every call.
+        // A load's head comes only after the whole archive is uploaded, so
+        // it is the load's limit; every other call has a shorter one of its
+        // own (see `within`).
         let docker = bollard::Docker::connect_with_defaults()
             .map_err(|e| DockerError::Connect(e.to_string()))?
-            .with_timeout(LONG_TIMEOUT);
-        let docker = docker
-            .negotiate_version()
-            .await
+            .with_timeout(limits::LOAD_MAX);
+        let docker = within("version", limits::QUICK, docker.negotiate_version())
+            .await?
             .map_err(|e| DockerError::Connect(e.to_string()))?;
-        docker
-            .ping()
-            .await
-            .map_err(|e| DockerError::Connect(e.to_string()))?;
-        Ok(Engine { docker })
+        let engine = Engine { docker };
+        engine.ping(limits::QUICK).await?;
+        Ok(engine)
+    }
+
+    /// Pings the engine, waiting at most `limit`.
+    pub async fn ping(&self, limit: Duration) -> Result<(), DockerError> {
+        within("ping", limit, self.docker.ping())
+            .await?
+            .map(|_| ())
+            .map_err(api("ping"))
     }
 
     pub async fn info(&self) -> Result<EngineInfo, DockerError> {
-        let info = self.docker.info().await.map_err(api("info"))?;
-        let version = self.docker.version().await.map_err(api("version"))?;
+        let info = within("info", limits::QUICK, self.docker.info())
+            .await?
+            .map_err(api("info"))?;
+        let version = within("version", limits::QUICK, self.docker.version())
+            .await?
+            .map_err(api("version"))?;
         let driver_status: Vec<(String, String)> = info
             .driver_status
             .unwrap_or_default()
@@ -174,7 +321,13 @@ impl Engine {
 
     /// The image `reference` (tag or id), or `None` when the engine lacks it.
     pub async fn image(&self, reference: &str) -> Result<Option<ImageFacts>, DockerError> {
-        match self.docker.inspect_image(reference).await {
+        match within(
+            "inspect image",
+            limits::QUICK,
+            self.docker.inspect_image(reference),
+        )
+        .await?
+        {
             Ok(img) => {
                 let diff_ids = img
                     .root_fs
@@ -199,14 +352,16 @@ impl Engine {
     /// list and all its prefixes. (The engine API has no call that lists
     /// layers; an image's presence implies its whole chain is present.)
     pub async fn held_chain_ids(&self) -> Result<HashSet<Digest>, DockerError> {
-        let images = self
-            .docker
-            .list_images(Some(ListImagesOptions {
+        let images = within(
+            "list images",
+            limits::QUICK,
+            self.docker.list_images(Some(ListImagesOptions {
                 all: true,
                 ..Default::default()
-            }))
-            .await
-            .map_err(api("list images"))?;
+            })),
+        )
+        .await?
+        .map_err(api("list images"))?;
         let mut held = HashSet::new();
         for summary in images {
             if let Some(img) = self.image(&summary.id).await? {
@@ -216,43 +371,99 @@ impl Engine {
         Ok(held)
     }
 
-    /// The `docker save` tar stream of one image.
+    /// The `docker save` tar stream of one image, bounded by progress: the
+    /// first chunk within [`limits::SAVE_FIRST_BYTE`], each later one within
+    /// [`limits::SAVE_IDLE`].
     pub fn export(
         &self,
         reference: &str,
     ) -> impl Stream<Item = Result<Bytes, DockerError>> + Send + 'static {
-        self.docker
+        let inner = self
+            .docker
             .export_image(reference)
             .map_err(|source| DockerError::Api { op: "save", source })
-            .boxed()
+            .boxed();
+        idle_bounded("save", inner, limits::SAVE_FIRST_BYTE, limits::SAVE_IDLE)
     }
 
     /// Sends a `docker load` archive. Succeeds only when the engine reports
     /// the image loaded: a stream error, an `errorDetail`, or an `Error
     /// unpacking image` line (how the containerd store reports a failed
     /// unpack) all fail the load. Returns the engine's messages.
+    ///
+    /// Bounded by progress: the load fails when for [`limits::LOAD_IDLE`]
+    /// the engine takes no byte of the archive and reports no progress (it
+    /// does, layer by layer, while it registers what it unpacked), and in
+    /// any case after [`limits::LOAD_MAX`].
     pub async fn load<S>(&self, archive: S) -> Result<String, DockerError>
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
     {
-        let mut out = String::new();
-        let mut stream = self.docker.import_image_stream(
-            ImportImageOptions {
-                quiet: true,
-                platform: None,
-            },
-            archive,
-            None,
-        );
-        while let Some(item) = stream.next().await {
-            let info = item.map_err(|e| DockerError::Load(e.to_string()))?;
-            if let Some(s) = info.stream.or(info.status) {
-                if s.contains("Error unpacking image") {
-                    return Err(DockerError::Load(s.trim().to_string()));
+        let base = tokio::time::Instant::now();
+        let last = Arc::new(AtomicU64::new(0));
+        let touch = {
+            let last = last.clone();
+            move || last.store(millis_since(base), Ordering::Relaxed)
+        };
+        let taken = {
+            let touch = touch.clone();
+            archive.inspect(move |_| touch())
+        };
+        let work = async {
+            let mut out = String::new();
+            let mut stream = self.docker.import_image_stream(
+                ImportImageOptions {
+                    quiet: false,
+                    platform: None,
+                },
+                taken,
+                None,
+            );
+            while let Some(item) = stream.next().await {
+                touch();
+                let info = match item {
+                    Ok(info) => info,
+                    Err(e) if transport_failure(&e).is_some() => {
+                        return Err(DockerError::Api {
+                            op: "load",
+                            source: e,
+                        })
+                    }
+                    Err(e) => return Err(DockerError::Load(e.to_string())),
+                };
+                if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                    return Err(DockerError::Load(e));
                 }
-                out.push_str(&s);
+                // Progress lines ("Loading layer") only keep the load alive.
+                if info.progress_detail.is_some() {
+                    continue;
+                }
+                if let Some(s) = info.stream.or(info.status) {
+                    if s.contains("Error unpacking image") {
+                        return Err(DockerError::Load(s.trim().to_string()));
+                    }
+                    out.push_str(&s);
+                }
             }
-        }
+            Ok(out)
+        };
+        let stalled = async {
+            let tick = limits::LOAD_IDLE / 10;
+            loop {
+                tokio::time::sleep(tick).await;
+                let idle = millis_since(base).saturating_sub(last.load(Ordering::Relaxed));
+                if Duration::from_millis(idle) >= limits::LOAD_IDLE {
+                    return limits::LOAD_IDLE;
+                }
+            }
+        };
+        let out = tokio::select! {
+            r = work => r?,
+            after = stalled => return Err(DockerError::Timeout { op: "load (no progress)", after }),
+            _ = tokio::time::sleep(limits::LOAD_MAX) => {
+                return Err(DockerError::Timeout { op: "load", after: limits::LOAD_MAX })
+            }
+        };
         if !out.contains("Loaded image") {
             return Err(DockerError::Load(format!(
                 "the engine did not report a loaded image: {}",
@@ -277,6 +488,9 @@ impl Engine {
 
     /// [`Engine::build`] with the tar build context streamed (a build
     /// context can be many GiB: it is never held in memory whole).
+    /// Unbounded here: a build step may be silent for as long as it
+    /// compiles; the build watcher bounds every build as a whole by its
+    /// recipe's `timeout` (`build_timeout`, 1 h by default).
     pub async fn build_stream<S>(
         &self,
         context: S,
@@ -322,17 +536,19 @@ impl Engine {
     /// Removes an image tag (and the image when nothing else refers to it).
     /// A missing image is not an error.
     pub async fn remove_image(&self, reference: &str) -> Result<(), DockerError> {
-        match self
-            .docker
-            .remove_image(
+        match within(
+            "remove image",
+            limits::CHANGE,
+            self.docker.remove_image(
                 reference,
                 Some(RemoveImageOptions {
                     force: true,
                     ..Default::default()
                 }),
                 None,
-            )
-            .await
+            ),
+        )
+        .await?
         {
             Ok(_) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
@@ -377,27 +593,42 @@ impl Engine {
         name: &str,
         body: ContainerCreateBody,
     ) -> Result<String, DockerError> {
-        let created = self
-            .docker
-            .create_container(
+        let created = within(
+            "create container",
+            limits::CHANGE,
+            self.docker.create_container(
                 Some(CreateContainerOptions {
                     name: Some(name.to_string()),
                     platform: String::new(),
                 }),
                 body,
-            )
-            .await
-            .map_err(api("create container"))?;
-        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            ),
+        )
+        .await?
+        .map_err(api("create container"))?;
+        let started = within(
+            "start container",
+            limits::CHANGE,
+            self.docker.start_container(&created.id, None),
+        )
+        .await
+        .and_then(|r| r.map_err(api("start container")));
+        if let Err(e) = started {
             let _ = self.remove_container(&created.id).await;
-            return Err(api("start container")(e));
+            return Err(e);
         }
         Ok(created.id)
     }
 
     /// The container `id`, or `None` when it is gone.
     pub async fn container(&self, id: &str) -> Result<Option<ContainerFacts>, DockerError> {
-        let c = match self.docker.inspect_container(id, None).await {
+        let c = match within(
+            "inspect container",
+            limits::QUICK,
+            self.docker.inspect_container(id, None),
+        )
+        .await?
+        {
             Ok(c) => c,
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(api("inspect container")(e)),
@@ -448,31 +679,35 @@ impl Engine {
             "label".to_string(),
             vec![format!("{}={node}", labels::NODE)],
         )]);
-        let list = self
-            .docker
-            .list_containers(Some(ListContainersOptions {
+        let list = within(
+            "list containers",
+            limits::QUICK,
+            self.docker.list_containers(Some(ListContainersOptions {
                 all: true,
                 filters: Some(filters),
                 ..Default::default()
-            }))
-            .await
-            .map_err(api("list containers"))?;
+            })),
+        )
+        .await?
+        .map_err(api("list containers"))?;
         Ok(list.into_iter().filter_map(|c| c.id).collect())
     }
 
     /// Stops and removes a container. A missing container is not an error.
     pub async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
-        match self
-            .docker
-            .remove_container(
+        match within(
+            "remove container",
+            limits::CHANGE,
+            self.docker.remove_container(
                 id,
                 Some(RemoveContainerOptions {
                     force: true,
                     v: true,
                     ..Default::default()
                 }),
-            )
-            .await
+            ),
+        )
+        .await?
         {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
@@ -508,7 +743,9 @@ impl Engine {
         self.create_and_start(name, body).await
     }
 
-    /// Waits until container `id` exits; returns its exit code.
+    /// Waits until container `id` exits; returns its exit code. Unbounded
+    /// here: an install step runs as long as it runs, and the build that
+    /// waits is bounded as a whole by its recipe's `timeout`.
     pub async fn wait_exit(&self, id: &str) -> Result<i64, DockerError> {
         // bollard reports a non-zero exit as an error item: the code is
         // read from the container's state afterwards either way.
@@ -520,11 +757,13 @@ impl Engine {
                 }
             }
         }
-        let c = self
-            .docker
-            .inspect_container(id, None)
-            .await
-            .map_err(api("inspect container"))?;
+        let c = within(
+            "inspect container",
+            limits::QUICK,
+            self.docker.inspect_container(id, None),
+        )
+        .await?
+        .map_err(api("inspect container"))?;
         let state = c.state.unwrap_or_default();
         if state.running.unwrap_or(false) {
             return Err(DockerError::Build(format!("container {id} still runs")));
@@ -532,7 +771,8 @@ impl Engine {
         Ok(state.exit_code.unwrap_or(-1))
     }
 
-    /// Everything container `id` wrote to stdout and stderr.
+    /// Everything container `id` wrote to stdout and stderr (what arrives
+    /// within [`limits::CHANGE`]).
     pub async fn logs_all(&self, id: &str) -> String {
         let opts = LogsOptions {
             stdout: true,
@@ -540,7 +780,7 @@ impl Engine {
             tail: "all".into(),
             ..Default::default()
         };
-        let chunks: Vec<_> = self.docker.logs(id, Some(opts)).collect().await;
+        let chunks = collect_within(limits::CHANGE, self.docker.logs(id, Some(opts))).await;
         let mut out = String::new();
         for c in chunks.into_iter().flatten() {
             out.push_str(&String::from_utf8_lossy(&c.into_bytes()));
@@ -560,11 +800,13 @@ impl Engine {
         repo: &str,
         tag: &str,
     ) -> Result<String, DockerError> {
-        let img = self
-            .docker
-            .inspect_image(like)
-            .await
-            .map_err(api("inspect image"))?;
+        let img = within(
+            "inspect image",
+            limits::QUICK,
+            self.docker.inspect_image(like),
+        )
+        .await?
+        .map_err(api("inspect image"))?;
         let c = img.config.unwrap_or_default();
         let config = bollard::models::ContainerConfig {
             user: c.user,
@@ -590,36 +832,43 @@ impl Engine {
             pause: true,
             ..Default::default()
         };
-        let done = self
-            .docker
-            .commit_container(opts, config)
-            .await
-            .map_err(api("commit container"))?;
+        let done = within(
+            "commit container",
+            limits::COMMIT,
+            self.docker.commit_container(opts, config),
+        )
+        .await?
+        .map_err(api("commit container"))?;
         Ok(done.id)
     }
 
     /// Tags image `image` (id or tag) as `repo:tag`.
     pub async fn tag(&self, image: &str, repo: &str, tag: &str) -> Result<(), DockerError> {
-        self.docker
-            .tag_image(
+        within(
+            "tag image",
+            limits::QUICK,
+            self.docker.tag_image(
                 image,
                 Some(TagImageOptions {
                     repo: Some(repo.to_string()),
                     tag: Some(tag.to_string()),
                 }),
-            )
-            .await
-            .map_err(api("tag image"))
+            ),
+        )
+        .await?
+        .map_err(api("tag image"))
     }
 
     /// Every `shoal/...` tag in the engine (the images shoal loaded or
     /// built); other images are never listed, so never touched.
     pub async fn shoal_tags(&self) -> Result<Vec<String>, DockerError> {
-        let images = self
-            .docker
-            .list_images(None::<ListImagesOptions>)
-            .await
-            .map_err(api("list images"))?;
+        let images = within(
+            "list images",
+            limits::QUICK,
+            self.docker.list_images(None::<ListImagesOptions>),
+        )
+        .await?
+        .map_err(api("list images"))?;
         let mut tags: Vec<String> = images
             .into_iter()
             .flat_map(|i| i.repo_tags)
@@ -633,10 +882,13 @@ impl Engine {
     /// Removes tag `reference` unless a container uses the image (no
     /// force); `Ok(false)` when it is in use or already gone.
     pub async fn untag(&self, reference: &str) -> Result<bool, DockerError> {
-        match self
-            .docker
-            .remove_image(reference, None::<RemoveImageOptions>, None)
-            .await
+        match within(
+            "untag image",
+            limits::CHANGE,
+            self.docker
+                .remove_image(reference, None::<RemoveImageOptions>, None),
+        )
+        .await?
         {
             Ok(_) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
@@ -655,11 +907,118 @@ impl Engine {
             tail: lines.to_string(),
             ..Default::default()
         };
-        let chunks: Vec<_> = self.docker.logs(id, Some(opts)).collect().await;
+        let chunks = collect_within(limits::QUICK, self.docker.logs(id, Some(opts))).await;
         let mut out = String::new();
         for c in chunks.into_iter().flatten() {
             out.push_str(&String::from_utf8_lossy(&c.into_bytes()));
         }
         out
+    }
+}
+
+/// The items a stream yields within `limit` (a log of a container whose
+/// engine froze halfway ends where it stopped).
+async fn collect_within<S: Stream + Unpin>(limit: Duration, mut stream: S) -> Vec<S::Item> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        while let Some(item) = stream.next().await {
+            out.push(item);
+        }
+    })
+    .await;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::errors::Error as B;
+
+    fn io(kind: std::io::ErrorKind) -> B {
+        B::IOError {
+            err: std::io::Error::new(kind, "x"),
+        }
+    }
+
+    #[test]
+    fn no_answer_tells_silence_from_a_refusal() {
+        let api = |source| DockerError::Api { op: "x", source };
+        let cases: Vec<(DockerError, Option<NoAnswer>)> = vec![
+            (
+                api(B::DockerResponseServerError {
+                    status_code: 404,
+                    message: "no such container".into(),
+                }),
+                None,
+            ),
+            (
+                api(B::DockerResponseServerError {
+                    status_code: 500,
+                    message: "boom".into(),
+                }),
+                None,
+            ),
+            (api(B::RequestTimeoutError), Some(NoAnswer::Hung)),
+            (
+                DockerError::Timeout {
+                    op: "inspect container",
+                    after: limits::QUICK,
+                },
+                Some(NoAnswer::Hung),
+            ),
+            (
+                api(io(std::io::ErrorKind::ConnectionRefused)),
+                Some(NoAnswer::Unreachable("connection refused")),
+            ),
+            (
+                api(io(std::io::ErrorKind::NotFound)),
+                Some(NoAnswer::Unreachable("socket missing")),
+            ),
+            (
+                api(io(std::io::ErrorKind::BrokenPipe)),
+                Some(NoAnswer::Unreachable("connection lost")),
+            ),
+            (
+                api(B::SocketNotFoundError("/run/docker.sock".into())),
+                Some(NoAnswer::Unreachable("socket missing")),
+            ),
+            (
+                DockerError::Connect("refused".into()),
+                Some(NoAnswer::Unreachable("cannot connect")),
+            ),
+            (DockerError::Load("bad layer".into()), None),
+            (DockerError::Build("step 3 failed".into()), None),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.no_answer(), want, "{e}");
+        }
+        assert_eq!(
+            DockerError::Timeout {
+                op: "inspect container",
+                after: limits::QUICK
+            }
+            .to_string(),
+            "docker inspect container: no answer within 10s"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_fail_when_the_engine_stops_sending() {
+        let chunks = futures::stream::iter(vec![Ok(Bytes::from_static(b"a"))])
+            .chain(futures::stream::pending())
+            .boxed();
+        let mut s = Box::pin(idle_bounded(
+            "save",
+            chunks,
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        ));
+        assert_eq!(s.next().await.unwrap().unwrap(), Bytes::from_static(b"a"));
+        let e = s.next().await.unwrap().unwrap_err();
+        assert!(
+            matches!(e, DockerError::Timeout { op: "save", after } if after == Duration::from_secs(5)),
+            "{e}"
+        );
+        assert!(s.next().await.is_none(), "a timed-out stream ends");
     }
 }

@@ -684,6 +684,7 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
                         ""
                     }
                 );
+                println!("engine      {}", n.engine.describe());
                 for note in n.storage_notes {
                     println!("note        {note}");
                 }
