@@ -253,6 +253,8 @@ pub struct ContainerFacts {
     /// The container's address on its network, if it has one.
     pub ip: Option<std::net::IpAddr>,
     pub labels: HashMap<String, String>,
+    /// When the engine last started it (RFC 3339), so a restart shows.
+    pub started_at: Option<String>,
 }
 
 /// A connection to the local Docker engine.
@@ -271,8 +273,26 @@ impl Engine {
         // it is the load's limit; every other call has a shorter one of its
         // own (see `within`).
         let docker = bollard::Docker::connect_with_defaults()
-            .map_err(|e| DockerError::Connect(e.to_string()))?
-            .with_timeout(limits::LOAD_MAX);
+            .map_err(|e| DockerError::Connect(e.to_string()))?;
+        Engine::negotiate(docker).await
+    }
+
+    /// Connects to the engine listening on the unix socket `host`
+    /// (`unix:///run/…/docker.sock` or a plain path), whatever `DOCKER_HOST`
+    /// says: the test harness talks to one engine per host.
+    pub async fn connect_at(host: &str) -> Result<Engine, DockerError> {
+        let path = host.strip_prefix("unix://").unwrap_or(host);
+        let docker = bollard::Docker::connect_with_unix(
+            path,
+            limits::LOAD_MAX.as_secs(),
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(|e| DockerError::Connect(e.to_string()))?;
+        Engine::negotiate(docker).await
+    }
+
+    async fn negotiate(docker: bollard::Docker) -> Result<Engine, DockerError> {
+        let docker = docker.with_timeout(limits::LOAD_MAX);
         let docker = within("version", limits::QUICK, docker.negotiate_version())
             .await?
             .map_err(|e| DockerError::Connect(e.to_string()))?;
@@ -669,6 +689,7 @@ impl Engine {
             ports,
             ip,
             labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
+            started_at: state.started_at.filter(|s| !s.starts_with("0001-")),
         }))
     }
 

@@ -1,138 +1,99 @@
-//! Several real `shoal daemon` processes on loopback, real UDP gossip, one
-//! real Docker engine and one shared store (standing in for the NFS mount).
-//! Each node counts only the containers labelled with its own name.
+//! The cluster on separate hosts (`tests/common/hosts.rs`, built on
+//! `scripts/cluster`): each node in its own network namespace with its own
+//! Docker engine, real UDP gossip and node-to-node HTTP across a bridge,
+//! one shared store directory (standing in for the NFS mount). What runs
+//! where is read from each host's own engine.
 
 mod common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+use common::hosts::{wait_for, Host, Hosts};
 use common::*;
 use serde_json::{json, Value};
 use shoal::demo::DemoImage;
-use shoal::docker::Engine;
 use shoal::model::EnvRecord;
 
-/// Starts nodes named `names` (the first is the seed of the others) with
-/// per-node extra flags, sharing one store, and waits until every node sees
-/// every other alive.
-async fn cluster(dir: &std::path::Path, nodes: &[(&str, Vec<&str>)]) -> Result<Vec<Node>> {
-    let store = dir.join("store");
-    let cluster_id = unique("c");
-    let mut out: Vec<Node> = Vec::new();
-    for (name, extra) in nodes {
-        let mut args: Vec<&str> = vec!["--cluster-id", &cluster_id];
-        let seed;
-        if let Some(first) = out.first() {
-            seed = first.gossip.clone();
-            args.extend(["--seed", &seed]);
-        }
-        args.extend(extra.iter().copied());
-        out.push(Node::start(name, &dir.join(name), &store, &args).await?);
-    }
-    for n in &out {
-        wait_for(Duration::from_secs(30), || async {
-            let v: Value = n.client.get("/v1/cluster").await?;
-            let alive = v["nodes"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter(|n| n["alive"] == true && !n["facts"].is_null())
-                        .count()
-                })
-                .unwrap_or(0);
-            Ok(alive == nodes.len())
-        })
+/// `POST /v1/placement` at `host`.
+async fn placement(host: &Host, body: Value) -> Result<Value> {
+    let (code, p) = raw(
+        &host.client,
+        "POST",
+        "/v1/placement",
+        Some(body.to_string().into_bytes()),
+    )
+    .await?;
+    anyhow::ensure!(code == 200, "placement: {code} {p}");
+    Ok(p)
+}
+
+/// The harness itself: separate engines (an image published on one host
+/// is loaded from the store by another), gossip and forwarding across the
+/// bridge, endpoints reachable from the machine at the owner's address.
+#[tokio::test(flavor = "multi_thread")]
+async fn hosts_smoke_a_request_at_one_host_runs_on_another_engine() -> Result<()> {
+    let hosts = Hosts::up_each(2, &[], &[&["--role", "master"], &["--role", "slave"]]).await?;
+    let (a, b) = (hosts.host(0), hosts.host(1));
+    assert_ne!(a.ip, b.ip);
+    let image = hosts.publish_demo(0).await?;
+    // Published through host 0 (whose engine then drops the source tag):
+    // the image is in the store only.
+    assert!(b.engine.image(&format!("shoal/{image}")).await?.is_none());
+    let (code, body) = a
+        .request_env(json!({"image": image, "owner": "a@example.com"}))
         .await?;
-    }
-    Ok(out)
-}
-
-/// Polls `check` until it returns true, at most `limit`.
-async fn wait_for<F, Fut>(limit: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(true) = check().await {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("condition not met within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-fn node_names(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}-{i}")).collect()
-}
-
-async fn publish_image(node: &Node, engine: &Engine, cleanup: &mut Cleanup) -> Result<String> {
-    let r = format!("{}-img:1", unique("t"));
-    let img = DemoImage {
-        extra_files: vec![("/marker".into(), random_bytes(4096))],
-        ..Default::default()
-    };
-    publish_one(node, engine, &r, &img, cleanup).await?;
-    Ok(r)
+    assert_eq!(code, 202, "{body}");
+    let rec: EnvRecord = serde_json::from_value(body)?;
+    assert_eq!(rec.node, b.name);
+    let rec = a.wait_settled(&rec.id).await?;
+    assert_eq!(rec.status.as_str(), "ready", "{rec:?}");
+    // Host 1 loaded it from the store into its own engine and runs it.
+    assert!(b.engine.image(&format!("shoal/{image}")).await?.is_some());
+    let on_b = b.containers().await?;
+    assert_eq!(on_b.len(), 1);
+    assert_eq!(on_b[0].env, rec.id);
+    assert!(a.containers().await?.is_empty());
+    let ep = &rec.endpoints[0];
+    assert_eq!(ep.host, b.ip);
+    assert!(http_get(&ep.host, ep.host_port, "/")
+        .await?
+        .contains(&rec.id));
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn request_at_any_node_lands_on_the_best_slave_and_is_reachable_everywhere() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let names = node_names(&unique("k"), 3);
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes = names.clone();
-    let nodes = cluster(
-        tmp.path(),
+    let hosts = Hosts::up_each(
+        3,
+        &[],
         &[
-            (&names[0], vec!["--role", "master", "--role", "build"]),
-            (
-                &names[1],
-                vec![
-                    "--role",
-                    "slave",
-                    "--memory",
-                    "1GiB",
-                    "--label",
-                    "memory=256GB",
-                ],
-            ),
-            (
-                &names[2],
-                vec![
-                    "--role",
-                    "slave",
-                    "--memory",
-                    "200MiB",
-                    "--label",
-                    "memory=128GB",
-                ],
-            ),
+            &["--role", "master", "--role", "build"],
+            &[
+                "--role",
+                "slave",
+                "--memory",
+                "1GiB",
+                "--label",
+                "memory=256GB",
+            ],
+            &[
+                "--role",
+                "slave",
+                "--memory",
+                "200MiB",
+                "--label",
+                "memory=128GB",
+            ],
         ],
     )
     .await?;
-    let (master, big, small) = (&nodes[0], &nodes[1], &nodes[2]);
-    let image = publish_image(master, &engine, &mut cleanup).await?;
+    let (master, big, small) = (hosts.host(0), hosts.host(1), hosts.host(2));
+    let image = hosts.publish_demo(0).await?;
 
     // The explanation: the master is not a slave; the tighter fit ranks first.
-    let (code, p) = raw(
-        &master.client,
-        "POST",
-        "/v1/placement",
-        Some(
-            json!({"image": image, "owner": "a@example.com"})
-                .to_string()
-                .into_bytes(),
-        ),
-    )
-    .await?;
-    assert_eq!(code, 200, "{p}");
+    let p = placement(master, json!({"image": image, "owner": "a@example.com"})).await?;
     let ranked: Vec<&str> = p["ranked"]
         .as_array()
         .unwrap()
@@ -164,24 +125,28 @@ async fn request_at_any_node_lands_on_the_best_slave_and_is_reachable_everywhere
     assert_eq!(code, 202, "{body}");
     let pinned: EnvRecord = serde_json::from_value(body)?;
     assert_eq!(pinned.node, big.name);
-    // Ready, read through a node that does not own it.
+    // Ready, read through a node that does not own it, reachable at the
+    // owner's address.
     let rec = master.wait_settled(&pinned.id).await?;
     assert_eq!(rec.status.as_str(), "ready", "{rec:?}");
     assert_eq!(rec.node, big.name);
     let ep = &rec.endpoints[0];
+    assert_eq!(ep.host, big.ip);
     assert!(http_get(&ep.host, ep.host_port, "/")
         .await?
         .contains(&rec.id));
 
     // Every node lists every environment with its node.
-    for n in &nodes {
-        let list: Vec<EnvRecord> = n.client.get("/v1/environments").await?;
+    for h in &hosts.hosts {
+        let list: Vec<EnvRecord> = h.client.get("/v1/environments").await?;
         let ids: HashMap<String, String> = list.into_iter().map(|r| (r.id, r.node)).collect();
-        assert_eq!(ids.get(&pinned.id), Some(&big.name), "at {}", n.name);
-        assert_eq!(ids.get(&any.id), Some(&any.node), "at {}", n.name);
+        assert_eq!(ids.get(&pinned.id), Some(&big.name), "at {}", h.name);
+        assert_eq!(ids.get(&any.id), Some(&any.node), "at {}", h.name);
     }
-    // Only the owners run containers.
-    assert!(engine.env_containers(&master.name).await?.is_empty());
+    // Only the owners' engines run containers.
+    assert!(master.containers().await?.is_empty());
+    let big_envs: Vec<String> = big.containers().await?.into_iter().map(|c| c.env).collect();
+    assert!(big_envs.contains(&pinned.id), "{big_envs:?}");
 
     // A request no node can take: 503 with every node's reason.
     let (code, body) = small
@@ -194,7 +159,7 @@ async fn request_at_any_node_lands_on_the_best_slave_and_is_reachable_everywhere
     // Delete through a node that does not own it.
     master.wait_settled(&any.id).await?;
     for rec in [&pinned, &any] {
-        let other = nodes.iter().find(|n| n.name != rec.node).unwrap();
+        let other = hosts.hosts.iter().find(|h| h.name != rec.node).unwrap();
         let (code, body) = raw(
             &other.client,
             "DELETE",
@@ -205,35 +170,21 @@ async fn request_at_any_node_lands_on_the_best_slave_and_is_reachable_everywhere
         assert_eq!(code, 200, "{body}");
         assert_eq!(body["status"], "deleted");
     }
-    for n in &nodes {
-        assert!(engine.env_containers(&n.name).await?.is_empty());
+    for h in &hosts.hosts {
+        assert!(h.containers().await?.is_empty(), "{}", h.name);
     }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn concurrent_requests_across_nodes_never_overcommit() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let names = node_names(&unique("k"), 3);
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes = names.clone();
-    // Each node: 2 slots by count, 150 MiB memory = 2 × 64 MiB.
-    let flags = vec!["--memory", "150MiB", "--max-envs", "2"];
-    let nodes = cluster(
-        tmp.path(),
-        &[
-            (&names[0], flags.clone()),
-            (&names[1], flags.clone()),
-            (&names[2], flags.clone()),
-        ],
-    )
-    .await?;
-    let image = publish_image(&nodes[0], &engine, &mut cleanup).await?;
+async fn concurrent_requests_across_hosts_never_overcommit() -> Result<()> {
+    // Each host: 2 slots by count, 150 MiB memory = 2 × 64 MiB.
+    let hosts = Hosts::up(3, &["--memory", "150MiB", "--max-envs", "2"]).await?;
+    let image = hosts.publish_demo(0).await?;
 
     let mut tasks = Vec::new();
     for i in 0..30 {
-        let client = nodes[i % 3].client.clone();
+        let client = hosts.host(i % 3).client.clone();
         let body = json!({"image": image, "owner": format!("u{i}@example.com")});
         tasks.push(tokio::spawn(async move {
             raw(
@@ -258,83 +209,79 @@ async fn concurrent_requests_across_nodes_never_overcommit() -> Result<()> {
     }
     // Six slots in the cluster, and every one of them taken.
     assert_eq!(accepted.len(), 6);
-    let mut per_node: HashMap<String, usize> = HashMap::new();
     for rec in &accepted {
-        *per_node.entry(rec.node.clone()).or_default() += 1;
-    }
-    for n in &nodes {
-        assert_eq!(per_node.get(&n.name), Some(&2), "{per_node:?}");
-        // The engine agrees: containers labelled with this node.
-        let info: Value = n.client.get("/v1/node").await?;
-        assert!(info["memory_committed"].as_u64().unwrap() <= 150 << 20);
-        assert_eq!(info["env_count"], 2);
-    }
-    for rec in &accepted {
-        let done = nodes[0].wait_settled(&rec.id).await?;
+        let done = hosts.host(0).wait_settled(&rec.id).await?;
         assert_eq!(done.status.as_str(), "ready", "{done:?}");
     }
-    for n in &nodes {
-        assert_eq!(engine.env_containers(&n.name).await?.len(), 2);
+    // Each host's own engine agrees: two containers, each the one the
+    // answer named, their memory labels within the host's 150 MiB.
+    for h in &hosts.hosts {
+        let on = h.containers().await?;
+        assert_eq!(on.len(), 2, "{}: {on:?}", h.name);
+        assert!(on.iter().map(|c| c.memory).sum::<u64>() <= 150 << 20);
+        for c in &on {
+            let rec = accepted.iter().find(|r| r.id == c.env).unwrap();
+            assert_eq!(rec.node, h.name);
+            assert!(c.running);
+        }
+        let info: Value = h.client.get("/v1/node").await?;
+        assert_eq!(info["env_count"], 2);
     }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_dead_node_shows_lost_and_nothing_moves() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let names = node_names(&unique("k"), 3);
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes = names.clone();
-    let mut nodes = cluster(
-        tmp.path(),
+async fn a_dead_host_shows_lost_and_nothing_moves() -> Result<()> {
+    let hosts = Hosts::up_each(
+        3,
+        &[],
         &[
-            (&names[0], vec!["--role", "master"]),
-            (&names[1], vec!["--role", "slave"]),
-            (&names[2], vec!["--role", "slave", "--max-envs", "1"]),
+            &["--role", "master"],
+            &["--role", "slave"],
+            &["--role", "slave", "--max-envs", "1"],
         ],
     )
     .await?;
-    let image = publish_image(&nodes[0], &engine, &mut cleanup).await?;
-    let (code, body) = nodes[0]
+    let image = hosts.publish_demo(0).await?;
+    let (code, body) = hosts
+        .host(0)
         .request_env(json!({"image": image, "owner": "a@example.com"}))
         .await?;
     assert_eq!(code, 202, "{body}");
     let rec: EnvRecord = serde_json::from_value(body)?;
-    let rec = nodes[0].wait_settled(&rec.id).await?;
+    let rec = hosts.host(0).wait_settled(&rec.id).await?;
     assert_eq!(rec.status.as_str(), "ready");
-    let owner = nodes.iter().position(|n| n.name == rec.node).unwrap();
+    let owner = hosts.index(&rec.node).unwrap();
     let witness = if owner == 1 { 2 } else { 1 };
-    let before_other = engine.env_containers(&nodes[witness].name).await?.len();
+    let before = hosts.host(owner).containers().await?;
+    assert_eq!(before.len(), 1);
 
-    // kill -9 the owner: within the failure-detection time the others show
-    // its environment lost, still with owner and image.
-    nodes[owner].kill();
+    // kill -9 the owner's shoal: within the failure-detection time the
+    // others show its environment lost, still with owner and image.
+    hosts.kill_shoal(owner).await?;
     let killed_at = Instant::now();
     for i in [0, witness] {
-        let n = &nodes[i];
+        let h = hosts.host(i);
         wait_for(Duration::from_secs(30), || async {
-            let r: EnvRecord = n
+            let r: EnvRecord = h
                 .client
                 .get(&format!("/v1/environments/{}", rec.id))
                 .await?;
             Ok(r.status.as_str() == "lost" && r.owner == "a@example.com" && r.image == rec.image)
         })
         .await?;
-        let list: Vec<EnvRecord> = n.client.get("/v1/environments").await?;
+        let list: Vec<EnvRecord> = h.client.get("/v1/environments").await?;
         assert!(list
             .iter()
             .any(|r| r.id == rec.id && r.status.as_str() == "lost"));
     }
     eprintln!("lost seen after {:?}", killed_at.elapsed());
-    // Its container still runs, and nothing was started in its place.
-    assert_eq!(engine.env_containers(&rec.node).await?.len(), 1);
-    assert_eq!(
-        engine.env_containers(&nodes[witness].name).await?.len(),
-        before_other
-    );
-    assert!(engine.env_containers(&nodes[0].name).await?.is_empty());
-    let v: Value = nodes[0].client.get("/v1/cluster").await?;
+    // Its container still runs on its own engine, unrestarted, and nothing
+    // was started in its place on any other.
+    assert_eq!(hosts.host(owner).containers().await?, before);
+    assert!(hosts.host(witness).containers().await?.is_empty());
+    assert!(hosts.host(0).containers().await?.is_empty());
+    let v: Value = hosts.host(0).client.get("/v1/cluster").await?;
     let dead = v["nodes"]
         .as_array()
         .unwrap()
@@ -344,11 +291,12 @@ async fn a_dead_node_shows_lost_and_nothing_moves() -> Result<()> {
         .clone();
     assert_eq!(dead["alive"], false, "{dead}");
 
-    // It comes back: restored from Docker labels, ready again everywhere.
-    nodes[owner].spawn().await?;
-    for n in &nodes {
+    // It comes back: restored from its engine's labels, ready again
+    // everywhere, the same container never restarted.
+    hosts.start_shoal(owner).await?;
+    for h in &hosts.hosts {
         wait_for(Duration::from_secs(30), || async {
-            let r: EnvRecord = n
+            let r: EnvRecord = h
                 .client
                 .get(&format!("/v1/environments/{}", rec.id))
                 .await?;
@@ -356,35 +304,41 @@ async fn a_dead_node_shows_lost_and_nothing_moves() -> Result<()> {
         })
         .await?;
     }
-    assert_eq!(engine.env_containers(&rec.node).await?.len(), 1);
+    assert_eq!(hosts.host(owner).containers().await?, before);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_and_leaves_environments_running() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let names = node_names(&unique("k"), 2);
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes = names.clone();
-    let mut nodes = cluster(tmp.path(), &[(&names[0], vec![]), (&names[1], vec![])]).await?;
-    let image = publish_image(&nodes[0], &engine, &mut cleanup).await?;
-    let (code, body) = nodes[1]
+    let hosts = Hosts::up(2, &[]).await?;
+    let image = hosts.publish_demo(0).await?;
+    let (code, body) = hosts
+        .host(1)
         .request_env(json!({"image": image, "owner": "a@example.com", "constraints": {}}))
         .await?;
     assert_eq!(code, 202, "{body}");
-    let rec = nodes[1].wait_settled(body["id"].as_str().unwrap()).await?;
+    let rec = hosts
+        .host(1)
+        .wait_settled(body["id"].as_str().unwrap())
+        .await?;
     assert_eq!(rec.status.as_str(), "ready");
-    let owner = nodes.iter().position(|n| n.name == rec.node).unwrap();
+    let owner = hosts.index(&rec.node).unwrap();
     let other = 1 - owner;
-    let status = nodes[owner].terminate()?;
-    assert!(status.success(), "{status}");
-    // The container keeps running; the other node shows the node left and
+    let before = hosts.host(owner).containers().await?;
+    hosts.term_shoal(owner).await?;
+    assert!(
+        hosts
+            .shoal_log(owner)
+            .contains("left the cluster; running environments stay up"),
+        "{}",
+        hosts.shoal_log(owner)
+    );
+    // The container keeps running; the other host shows the node left and
     // its environment lost, and places new requests only on itself.
-    assert_eq!(engine.env_containers(&rec.node).await?.len(), 1);
-    let cid = engine.env_containers(&rec.node).await?.remove(0);
-    assert!(engine.container(&cid).await?.unwrap().running);
-    let n = &nodes[other];
+    let after = hosts.host(owner).containers().await?;
+    assert_eq!(after, before);
+    assert!(after[0].running);
+    let n = hosts.host(other);
     wait_for(Duration::from_secs(30), || async {
         let v: Value = n.client.get("/v1/cluster").await?;
         let gone = v["nodes"]
@@ -411,30 +365,16 @@ async fn sigterm_drains_and_leaves_environments_running() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_frozen_candidate_costs_a_timeout_then_the_next_node_takes_it() -> Result<()> {
-    let engine = Engine::connect().await?;
-    let tmp = tempfile::tempdir()?;
-    let names = node_names(&unique("k"), 3);
-    let mut cleanup = Cleanup::new();
-    cleanup.nodes = names.clone();
-    let roomy = vec!["--role", "slave", "--memory", "2GiB", "--max-envs", "12"];
-    let nodes = cluster(
-        tmp.path(),
-        &[
-            (&names[0], vec!["--role", "master"]),
-            (&names[1], roomy.clone()),
-            (&names[2], roomy.clone()),
-        ],
-    )
-    .await?;
-    let image = publish_image(&nodes[0], &engine, &mut cleanup).await?;
-    // Freeze node 1 (SIGSTOP): its gossip still looks alive for a few
-    // seconds, but its API does not answer.
-    let pid = nix::unistd::Pid::from_raw(nodes[1].child.as_ref().unwrap().id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+async fn a_frozen_candidate_costs_a_timeout_then_the_next_host_takes_it() -> Result<()> {
+    let roomy: &[&str] = &["--role", "slave", "--memory", "2GiB", "--max-envs", "12"];
+    let hosts = Hosts::up_each(3, &[], &[&["--role", "master"], roomy, roomy]).await?;
+    let image = hosts.publish_demo(0).await?;
+    // Freeze host 1's shoal (SIGSTOP): its gossip still looks alive for a
+    // few seconds, but its API does not answer.
+    hosts.stop_shoal(1).await?;
     let mut tasks = Vec::new();
     for i in 0..8 {
-        let client = nodes[0].client.clone();
+        let client = hosts.host(0).client.clone();
         let body = json!({"image": image, "owner": format!("u{i}@example.com")});
         tasks.push(tokio::spawn(async move {
             raw(
@@ -450,26 +390,123 @@ async fn a_frozen_candidate_costs_a_timeout_then_the_next_node_takes_it() -> Res
     for t in tasks {
         results.push(t.await?);
     }
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    hosts.cont_shoal(1).await?;
     let mut accepted = Vec::new();
     for r in results {
         let (code, body) = r?;
         assert_eq!(code, 202, "{body}");
-        assert_eq!(body["node"], nodes[2].name.as_str(), "{body}");
+        assert_eq!(body["node"], hosts.host(2).name.as_str(), "{body}");
         accepted.push(body["id"].as_str().unwrap().to_string());
     }
     // With 8 requests in random order among two equal candidates, the
     // frozen one was tried first at least once and cost a timeout.
     assert!(
-        nodes[0].log().contains("candidate unreachable"),
+        hosts.shoal_log(0).contains("candidate unreachable"),
         "{}",
-        nodes[0].log()
+        hosts.shoal_log(0)
     );
-    // The thawed node comes back and took nothing.
-    assert!(engine.env_containers(&nodes[1].name).await?.is_empty());
-    // Let the accepted ones finish starting before the cleanup.
+    // The thawed host comes back and took nothing.
+    assert!(hosts.host(1).containers().await?.is_empty());
     for id in accepted {
-        nodes[0].wait_settled(&id).await?;
+        hosts.host(0).wait_settled(&id).await?;
     }
+    Ok(())
+}
+
+/// Layer locality across engines: with base `B` on host 0 only, a request
+/// for `D` (FROM `B`) at host 2 is placed on host 0, which loads only `D`'s
+/// own layers; with host 0 full it goes elsewhere and that host loads all.
+/// `B` is big enough (240 MiB, zeros: small in the lz4 store) that loading
+/// it puts the other hosts outside placement's near-equal band.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_derived_build_lands_where_its_base_is_and_loads_only_the_delta() -> Result<()> {
+    let hosts = Hosts::up_each(3, &["--role", "slave"], &[&["--max-envs", "1"]]).await?;
+    let (h0, h2) = (hosts.host(0), hosts.host(2));
+    // B built and published on host 0, its source image kept there: host
+    // 0's engine holds B's layers, the others hold nothing.
+    let base_src = "locality-base-src/img:1";
+    let base = DemoImage {
+        extra_files: vec![("/base.bin".into(), vec![0u8; 240 << 20])],
+        ..Default::default()
+    };
+    build_image(&h0.engine, base_src, &base).await?;
+    let (code, body) = raw(
+        &h0.client,
+        "POST",
+        "/v1/images",
+        Some(
+            json!({"source": base_src, "ref": "base:1"})
+                .to_string()
+                .into_bytes(),
+        ),
+    )
+    .await?;
+    assert_eq!(code, 201, "{body}");
+    let derived = DemoImage {
+        from: Some(base_src.into()),
+        extra_files: vec![("/app.bin".into(), random_bytes(64 << 10))],
+        ..Default::default()
+    };
+    hosts.publish(0, "app:1", &derived).await?;
+
+    let app: Value = h2.client.get("/v1/images/app:1").await?;
+    let b: Value = h2.client.get("/v1/images/base:1").await?;
+    let total = app["size"].as_u64().unwrap();
+    let delta = total - b["size"].as_u64().unwrap();
+    let base_layers = b["layers"].as_u64().unwrap() as usize;
+    assert!(delta > 0 && delta < 1 << 20, "{app} {b}");
+
+    // The explanation, once host 0 has gossiped its layers (every 10 s).
+    let req = json!({"image": "app:1", "owner": "a@example.com"});
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let p = loop {
+        let p = placement(h2, req.clone()).await?;
+        if p["ranked"][0]["node"] == h0.name.as_str()
+            && p["ranked"][0]["missing_bytes"].as_u64() == Some(delta)
+        {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "host 0 never ranked first: {p}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for r in p["ranked"].as_array().unwrap().iter().skip(1) {
+        assert_eq!(r["missing_bytes"].as_u64(), Some(total), "{p}");
+    }
+    assert!(p["ranked"][0]["why"].as_str().unwrap().contains("loads"));
+
+    // Host 0 has room: the request at host 2 lands there and loads D's own
+    // layers only.
+    let (code, body) = h2.request_env(req.clone()).await?;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["node"], h0.name.as_str(), "{body}");
+    let near = h2.wait_settled(body["id"].as_str().unwrap()).await?;
+    assert_eq!(near.status.as_str(), "ready", "{near:?}");
+    let local = h0.local_envs().await?;
+    let near_local = local.iter().find(|r| r.id == near.id).unwrap();
+    assert_eq!(near_local.load.bytes_needed, delta, "{near_local:?}");
+    assert_eq!(near_local.load.layers_cached, base_layers);
+
+    // Host 0 is full (one environment at most): the next goes elsewhere,
+    // and that host loads everything.
+    let p = placement(h2, req.clone()).await?;
+    let rejected = p["rejected"].as_array().unwrap();
+    assert!(
+        rejected
+            .iter()
+            .any(|r| r["node"] == h0.name.as_str()
+                && r["reason"].as_str().unwrap().contains("at most")),
+        "{p}"
+    );
+    let (code, body) = h2.request_env(req.clone()).await?;
+    assert_eq!(code, 202, "{body}");
+    let far_node = body["node"].as_str().unwrap().to_string();
+    assert_ne!(far_node, h0.name);
+    let far = h2.wait_settled(body["id"].as_str().unwrap()).await?;
+    assert_eq!(far.status.as_str(), "ready", "{far:?}");
+    let owner = hosts.host(hosts.index(&far_node).unwrap());
+    let far_local = owner.local_envs().await?;
+    let far_local = far_local.iter().find(|r| r.id == far.id).unwrap();
+    assert_eq!(far_local.load.bytes_needed, total, "{far_local:?}");
+    assert_eq!(far_local.load.layers_cached, 0);
     Ok(())
 }

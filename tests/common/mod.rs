@@ -358,4 +358,5 @@ pub async fn http_get(host: &str, port: u16, path: &str) -> Result<String> {
     Ok(out)
 }
 pub mod browser;
+pub mod hosts;
 pub mod smtp;
