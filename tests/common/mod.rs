@@ -358,5 +358,6 @@ pub async fn http_get(host: &str, port: u16, path: &str) -> Result<String> {
     Ok(out)
 }
 pub mod browser;
+pub mod checker;
 pub mod hosts;
 pub mod smtp;
