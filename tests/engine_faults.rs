@@ -18,13 +18,17 @@
 //! And after `start-dockerd` / SIGCONT, by itself: engine `ok`, `/healthz`
 //! 200, placement includes the node again, the environment is ready in
 //! the same container, never restarted (same id, same `StartedAt`), and a
-//! new environment starts there. No environment runs twice.
+//! new environment starts there. The checker (`tests/common/checker.rs`)
+//! then judges every answer and every engine: all accounted for, nothing
+//! twice, moved or restarted, no host over its limits, journals and
+//! engines agree.
 
 mod common;
 
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use common::checker::{self, History};
 use common::hosts::{wait_for, Host, Hosts};
 use common::raw;
 use serde_json::{json, Value};
@@ -141,11 +145,9 @@ async fn placement(h: &Host, image: &str) -> Result<(Vec<String>, Vec<(String, S
     Ok((ranked, rejected))
 }
 
-async fn request(h: &Host, body: Value, local: bool) -> Result<(u16, Value)> {
-    let mut c = quick(h)?;
-    if local {
-        c = c.with_header("x-shoal-local", "1");
-    }
+/// A create served by `h` alone (`x-shoal-local`: its own admission).
+async fn request_local(h: &Host, body: Value) -> Result<(u16, Value)> {
+    let c = quick(h)?.with_header("x-shoal-local", "1");
     raw(
         &c,
         "POST",
@@ -171,13 +173,15 @@ async fn scenario(fault: Fault) -> Result<()> {
         host: victim.name.clone(),
         armed: false,
     };
+    let limits = checker::limits(&hosts).await?;
+    let history = History::new();
     let image = hosts.publish_demo(1).await?;
     let on_victim = json!({"image": image, "owner": "o@example.com", "constraints": {"rack": "a"}});
 
     // A ready environment on the victim, requested at the other host.
-    let (code, body) = request(other, on_victim.clone(), false).await?;
-    ensure!(code == 202, "{code} {body}");
-    let env: EnvRecord = serde_json::from_value(body)?;
+    let a = history.create(&hosts, 1, on_victim.clone()).await;
+    ensure!(a.code == 202, "{a:?}");
+    let env: EnvRecord = serde_json::from_value(a.body)?;
     ensure!(env.node == victim.name, "placed on {}", env.node);
     let env = other.wait_settled(&env.id).await?;
     ensure!(env.status.as_str() == "ready", "{env:?}");
@@ -188,7 +192,7 @@ async fn scenario(fault: Fault) -> Result<()> {
         code == 200 && h["status"] == "ok",
         "healthz before: {code} {h}"
     );
-
+    let snap = checker::snapshot(&hosts).await?;
     // The fault.
     match fault {
         Fault::Kill => hosts.kill_dockerd(0).await?,
@@ -252,12 +256,13 @@ async fn scenario(fault: Fault) -> Result<()> {
 
     // Admission refuses at the victim (503 naming the engine), and a
     // request through the cluster goes to the other host.
-    let (code, body) = request(victim, on_victim.clone(), true).await?;
+    let (code, body) = request_local(victim, on_victim.clone()).await?;
     ensure!(
         code == 503 && body["resource"] == "engine",
         "local create: {code} {body}"
     );
-    let (code, body) = request(victim, on_victim.clone(), false).await?;
+    let a = history.create(&hosts, 0, on_victim.clone()).await;
+    let (code, body) = (a.code, a.body);
     ensure!(code == 503, "only the victim has rack=a: {code} {body}");
     ensure!(
         body["reasons"]
@@ -268,7 +273,8 @@ async fn scenario(fault: Fault) -> Result<()> {
         "{body}"
     );
     let anywhere = json!({"image": image, "owner": "o@example.com"});
-    let (code, body) = request(victim, anywhere, false).await?;
+    let a = history.create(&hosts, 0, anywhere).await;
+    let (code, body) = (a.code, a.body);
     ensure!(code == 202 && body["node"] == other.name, "{code} {body}");
     let elsewhere = other
         .wait_settled(body["id"].as_str().unwrap_or_default())
@@ -276,16 +282,10 @@ async fn scenario(fault: Fault) -> Result<()> {
     ensure!(elsewhere.status.as_str() == "ready", "{elsewhere:?}");
 
     // A delete needs the engine: refused at once, nothing changes.
-    let (code, body) = raw(
-        &quick(victim)?,
-        "DELETE",
-        &format!("/v1/environments/{}", env.id),
-        None,
-    )
-    .await?;
+    let d = history.delete(&hosts, 0, &env.id).await;
     ensure!(
-        code == 503 && body["resource"] == "engine",
-        "delete: {code} {body}"
+        d.code == 503 && d.body["resource"] == "engine",
+        "delete: {d:?}"
     );
 
     // Several reconcile rounds (every 5 s) pass: the environment stays
@@ -345,7 +345,8 @@ async fn scenario(fault: Fault) -> Result<()> {
     .with_context(|| format!("the environment does not answer at {ep} again"))?;
 
     // It takes new environments again.
-    let (code, body) = request(other, on_victim, false).await?;
+    let a = history.create(&hosts, 1, on_victim).await;
+    let (code, body) = (a.code, a.body);
     ensure!(code == 202 && body["node"] == victim.name, "{code} {body}");
     let fresh = victim
         .wait_settled(body["id"].as_str().unwrap_or_default())
@@ -363,6 +364,11 @@ async fn scenario(fault: Fault) -> Result<()> {
     }
     ensure!(seen.len() == 3, "{seen:?}");
     ensure!(seen[&env.id] == 0 && seen[&fresh.id] == 0 && seen[&elsewhere.id] == 1);
+    let report = checker::check(&hosts, &history, &limits, &[&snap], &[]).await?;
+    ensure!(
+        report.statuses.len() == 3 && report.statuses.values().all(|s| s == "ready"),
+        "{report:?}"
+    );
     Ok(())
 }
 
