@@ -202,6 +202,7 @@ async fn scenario(fault: Fault) -> Result<()> {
         }
     }
     let want = fault.state();
+    let faulted = std::time::Instant::now();
 
     // The node says so in GET /v1/node...
     wait_for(NOTICE, || async {
@@ -209,6 +210,7 @@ async fn scenario(fault: Fault) -> Result<()> {
     })
     .await
     .with_context(|| format!("{} never reported its engine {want}", victim.name))?;
+    let noticed = faulted.elapsed();
     let eng = engine_state(victim).await?;
     ensure!(eng["since"].is_string(), "{eng}");
     let reason = eng["last_error"].as_str().unwrap_or_default();
@@ -238,6 +240,7 @@ async fn scenario(fault: Fault) -> Result<()> {
     })
     .await
     .context("the engine state never reached the other host's gossip view")?;
+    let gossiped = faulted.elapsed();
     // (Placement reads the view the gossip observer last sent: a round
     // behind `/v1/cluster` at most.)
     wait_for(NOTICE, || async {
@@ -307,11 +310,13 @@ async fn scenario(fault: Fault) -> Result<()> {
         Fault::Stop => hosts.cont_dockerd(0).await?,
     }
     cont.armed = false;
+    let restored = std::time::Instant::now();
     wait_for(NOTICE, || async {
         Ok(engine_state(victim).await?["state"] == "ok")
     })
     .await
     .context("the engine never showed ok again")?;
+    let back = restored.elapsed();
     let eng = engine_state(victim).await?;
     ensure!(eng["last_error"].as_str() == Some(reason), "{eng}");
     wait_for(NOTICE, || async {
@@ -324,6 +329,15 @@ async fn scenario(fault: Fault) -> Result<()> {
     })
     .await
     .context("placement never included the node again")?;
+    let placed_again = restored.elapsed();
+    eprintln!(
+        "engine {want}: seen by the node after {:.1}s, in the other host's gossip after {:.1}s; \
+         back ok {:.1}s after the engine returned, placed on again after {:.1}s",
+        noticed.as_secs_f64(),
+        gossiped.as_secs_f64(),
+        back.as_secs_f64(),
+        placed_again.as_secs_f64()
+    );
 
     // Same container, still running, never restarted; still ready.
     let after = victim.containers().await?;
