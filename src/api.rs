@@ -142,7 +142,11 @@ impl From<EnvError> for ApiError {
                     R::Zero => ApiError::field(StatusCode::BAD_REQUEST, "by", e.to_string()),
                 }
             }
-            EnvError::Docker(ref d) if d.no_answer().is_some() => engine_down(e.to_string()),
+            // The engine's own message may name its socket: say only what failed.
+            EnvError::Docker(ref d) if d.no_answer().is_some() => engine_down(format!(
+                "the node's docker engine is {}",
+                d.no_answer().expect("checked")
+            )),
             EnvError::Docker(_) => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
             _ => {
                 warn!(error = %e, "environment error");

@@ -85,6 +85,15 @@ pub enum NoAnswer {
     Hung,
 }
 
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoAnswer::Unreachable(why) => write!(f, "unreachable ({why})"),
+            NoAnswer::Hung => write!(f, "hung (no answer in time)"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     #[error("cannot reach the docker engine: {0}")]

@@ -578,6 +578,28 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn store_probe_answers_for_a_directory_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let probe = StoreProbe::default();
+        assert_eq!(probe.check(tmp.path().to_path_buf()).await, Ok(()));
+        assert_eq!(
+            probe.check(file).await,
+            Err("the store path is not a directory".into())
+        );
+        let missing = probe.check(tmp.path().join("gone")).await.unwrap_err();
+        assert!(missing.starts_with("the store cannot be read"), "{missing}");
+        assert!(!missing.contains("gone"), "no paths: {missing}");
+        // Concurrent checks share one stat at a time and all answer.
+        let (a, b) = tokio::join!(
+            probe.check(tmp.path().to_path_buf()),
+            probe.check(tmp.path().to_path_buf())
+        );
+        assert_eq!((a, b), (Ok(()), Ok(())));
+    }
+
     #[test]
     fn states_read_and_print() {
         for s in [EngineState::Ok, EngineState::Unreachable, EngineState::Hung] {
