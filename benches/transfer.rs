@@ -5,7 +5,11 @@
 //!   of the uncompressed tar;
 //! - publish: shoal's publish vs `docker save | lz4 -1`;
 //! - thin: loading a derived image whose base the engine holds vs loading
-//!   it whole.
+//!   it whole;
+//! - the same across separate hosts (`tests/common/hosts.rs`), end to end
+//!   through the API: the derived image requested on a host whose engine
+//!   holds the base (it loads the delta) and on a host that holds nothing
+//!   (it loads everything), as ratios of bytes and load time.
 //!
 //! `cargo bench --bench transfer` runs it on a 1 GiB image
 //! (`SHOAL_BENCH_MIB` sets the size, `SHOAL_BENCH_REPS` the repetitions; the
@@ -18,6 +22,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use anyhow::{ensure, Context, Result};
 use rand::{Rng, RngCore, SeedableRng};
@@ -49,7 +56,106 @@ fn main() -> Result<()> {
         ])
         .ok();
     }
-    result
+    result?;
+    rt.block_on(on_hosts(mib))
+}
+
+/// Seconds of the "image loaded" log line of environment `id`.
+fn load_secs(log: &str, id: &str) -> Option<f64> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("image loaded") && l.contains(&format!("env={id}")))?;
+    let v = line.split("secs=").nth(1)?.split_whitespace().next()?;
+    v.trim_matches('"').parse().ok()
+}
+
+/// Thin vs whole load across hosts: host 1 holds the base (an environment
+/// of it runs there), host 2 holds nothing; both get the derived image.
+async fn on_hosts(mib: u64) -> Result<()> {
+    use common::hosts::Hosts;
+    use serde_json::json;
+    use shoal::demo::DemoImage;
+    let hosts = Hosts::up_each(
+        3,
+        &["--ready-timeout", "10m"],
+        &[
+            &["--role", "master"],
+            &["--role", "slave", "--label", "pin=1"],
+            &["--role", "slave", "--label", "pin=2"],
+        ],
+    )
+    .await?;
+    let h0 = hosts.host(0);
+    let base_src = "hostbench-base/img:1";
+    let mut payload = vec![0u8; (mib << 20) as usize];
+    rand::thread_rng().fill_bytes(&mut payload);
+    let base = DemoImage {
+        extra_files: vec![("/payload".into(), payload)],
+        ..Default::default()
+    };
+    common::build_image(&h0.engine, base_src, &base).await?;
+    let (code, body) = common::raw(
+        &h0.client,
+        "POST",
+        "/v1/images",
+        Some(
+            json!({"source": base_src, "ref": "hb-base:1"})
+                .to_string()
+                .into_bytes(),
+        ),
+    )
+    .await?;
+    ensure!(code == 201, "{body}");
+    let mut extra = vec![0u8; ((mib / 32).max(1) << 20) as usize];
+    rand::thread_rng().fill_bytes(&mut extra);
+    let derived = DemoImage {
+        from: Some(base_src.into()),
+        extra_files: vec![("/extra".into(), extra)],
+        ..Default::default()
+    };
+    hosts.publish(0, "hb-app:1", &derived).await?;
+    h0.engine.remove_image(base_src).await?;
+
+    // Returns (bytes loaded, load seconds, request-to-ready seconds).
+    let run_on = |pin: usize, image: &'static str| {
+        let hosts = &hosts;
+        async move {
+            let h = hosts.host(pin);
+            let t = Instant::now();
+            let (code, body) = h
+                .request_env(json!({"image": image, "owner": "t@x", "constraints": {"pin": pin.to_string()}}))
+                .await?;
+            ensure!(code == 202, "{body}");
+            let id = body["id"].as_str().unwrap().to_string();
+            let rec = h.wait_settled(&id).await?;
+            ensure!(rec.status.as_str() == "ready", "{rec:?}");
+            let total = t.elapsed().as_secs_f64();
+            let local = h.local_envs().await?;
+            let r = local.iter().find(|r| r.id == id).context("local record")?;
+            let secs = load_secs(&hosts.shoal_log(pin), &id).context("load time in the log")?;
+            anyhow::Ok((r.load.bytes_needed, secs, total))
+        }
+    };
+    run_on(1, "hb-base:1").await?;
+    let (thin_b, thin_s, thin_t) = run_on(1, "hb-app:1").await?;
+    let (whole_b, whole_s, whole_t) = run_on(2, "hb-app:1").await?;
+    println!();
+    println!("across separate hosts, derived image ({mib} MiB base), through the API:");
+    println!(
+        "  thin (host holds the base): {:.1} MB loaded in {thin_s:.2} s, ready after {thin_t:.2} s",
+        thin_b as f64 / 1e6
+    );
+    println!(
+        "  whole (host holds nothing): {:.1} MB loaded in {whole_s:.2} s, ready after {whole_t:.2} s",
+        whole_b as f64 / 1e6
+    );
+    println!(
+        "ratio thin / whole across hosts: bytes {:.3}, load time {:.3}, request to ready {:.3}",
+        thin_b as f64 / whole_b as f64,
+        thin_s / whole_s.max(1e-9),
+        thin_t / whole_t.max(1e-9)
+    );
+    Ok(())
 }
 
 fn docker(args: &[&str]) -> Result<()> {

@@ -60,6 +60,37 @@ async fn hosts_smoke_a_request_at_one_host_runs_on_another_engine() -> Result<()
     assert!(http_get(&ep.host, ep.host_port, "/")
         .await?
         .contains(&rec.id));
+
+    // The engine faults the harness offers: kill -9 of host 1's dockerd
+    // leaves its container running (live-restore); the restarted engine
+    // finds it unrestarted.
+    hosts.kill_dockerd(1).await?;
+    assert!(b.engine.env_containers(&b.name).await.is_err());
+    assert!(http_get(&ep.host, ep.host_port, "/")
+        .await?
+        .contains(&rec.id));
+    hosts.start_dockerd(1).await?;
+    assert_eq!(b.containers().await?, on_b);
+
+    // `down` (on drop) removes every namespace, link, rule, cgroup and
+    // file the cluster made.
+    let (prefix, dir) = (hosts.prefix.clone(), hosts.dir.clone());
+    drop(hosts);
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()?;
+    assert!(!String::from_utf8_lossy(&netns.stdout).contains(&prefix));
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link"])
+        .output()?;
+    assert!(!String::from_utf8_lossy(&links.stdout).contains(&prefix));
+    let rules = std::process::Command::new("iptables")
+        .args(["-S"])
+        .output()?;
+    assert!(!String::from_utf8_lossy(&rules.stdout).contains(&prefix));
+    assert!(!std::path::Path::new(&format!("/run/shoal-cluster/{prefix}")).exists());
+    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/memory/shoal-{prefix}-1")).exists());
+    assert!(!dir.exists());
     Ok(())
 }
 

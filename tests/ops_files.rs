@@ -432,7 +432,7 @@ fn scripts_are_executable_strict_bash() {
         .map(|e| e.unwrap().path())
         .collect();
     paths.push(repo(".ci/run"));
-    for name in ["ensure-docker", "ensure-tools", "test", "demo"] {
+    for name in ["ensure-docker", "ensure-tools", "test", "demo", "cluster"] {
         assert!(
             paths.contains(&repo("scripts").join(name)),
             "scripts/{name} is missing"
