@@ -216,7 +216,14 @@ impl Cluster {
                 let back = engine_ok && !engine_was_ok;
                 engine_was_ok = engine_ok;
                 if back || last_layers.elapsed() >= LAYER_REFRESH {
-                    me.refresh_layers().await;
+                    // An engine that stops answering mid-refresh would hold
+                    // the publisher for a whole call limit: publish that at
+                    // once instead (the last layer list stands).
+                    let mut down = me.envs.watch_engine();
+                    tokio::select! {
+                        _ = me.refresh_layers() => {}
+                        _ = down.wait_for(|h| !h.state.is_ok()) => {}
+                    }
                     last_layers = tokio::time::Instant::now();
                 }
                 me.publish().await;
