@@ -56,6 +56,8 @@ pub struct AppState {
     /// Cancelled when the node begins to shut down: long answers (event
     /// streams) end then, so the server can close every connection.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// `/healthz`'s bounded stat of the store.
+    pub store_probe: crate::health::StoreProbe,
 }
 
 /// An error answer: status plus the JSON body.
@@ -141,6 +143,7 @@ impl From<EnvError> for ApiError {
                 a.body.resource = Some("draining".into());
                 a
             }
+            EnvError::EngineDown { .. } => engine_down(e.to_string()),
             EnvError::Store(s) => s.into(),
             EnvError::Transfer(crate::transfer::TransferError::Store(s)) => s.into(),
             EnvError::Reservation(ref r) => {
@@ -153,6 +156,11 @@ impl From<EnvError> for ApiError {
                     R::Zero => ApiError::field(StatusCode::BAD_REQUEST, "by", e.to_string()),
                 }
             }
+            // The engine's own message may name its socket: say only what failed.
+            EnvError::Docker(ref d) if d.no_answer().is_some() => engine_down(format!(
+                "the node's docker engine is {}",
+                d.no_answer().expect("checked")
+            )),
             EnvError::Docker(_) => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
             _ => {
                 warn!(error = %e, "environment error");
@@ -160,6 +168,14 @@ impl From<EnvError> for ApiError {
             }
         }
     }
+}
+
+/// 503 naming the engine: the node's Docker engine does not answer (the
+/// call may succeed later, or on another node).
+fn engine_down(error: String) -> ApiError {
+    let mut a = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error);
+    a.body.resource = Some("engine".into());
+    a
 }
 
 /// Parses a JSON body, naming the offending field on error. Any content
@@ -222,27 +238,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// `GET /healthz`: 200 `ok` when the node can do its job, else 503 with
-/// `{"status": "unhealthy", "problems": [{"check", "error"}]}`.
-async fn healthz(State(s): State<Arc<AppState>>) -> Response {
-    let problems: Vec<serde_json::Value> = [store_problem(&s)].into_iter().flatten().collect();
-    if problems.is_empty() {
-        return "ok".into_response();
-    }
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(serde_json::json!({"status": "unhealthy", "problems": problems})),
-    )
-        .into_response()
-}
-
-/// The store's part of `/healthz`: a problem when it is unavailable (a
-/// read-only store still serves loads, so it is not one).
-fn store_problem(s: &AppState) -> Option<serde_json::Value> {
-    let e = s.envs.store().usable().err()?;
-    Some(serde_json::json!({"check": "store", "error": e.to_string()}))
-}
-
 /// The body as bytes, with the size limit answered in JSON.
 async fn body_bytes(req: axum::extract::Request) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(req.into_body(), MAX_BODY)
@@ -271,6 +266,7 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
         max_envs: cap.max_envs,
         env_count: c.envs,
         engine_version: s.engine.server_version.clone(),
+        engine: envs.engine_health(),
         storage_driver: s.engine.storage_driver.clone(),
         containerd_store: s.engine.containerd_store,
         storage_notes: crate::host::storage_notes(
@@ -281,6 +277,40 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
         store: s.envs.store().status(),
     }))
 }
+
+/// `GET /healthz`: 200 only when the node can do its job (engine answers,
+/// state lock free, store answers, gossip and every worker running, not
+/// draining); otherwise 503 with what is wrong. Cheap: the engine's state
+/// comes from its monitor, the store gets one stat at most per call.
+async fn healthz(State(s): State<Arc<AppState>>) -> Response {
+    let inputs = crate::health::HealthInputs {
+        engine: s.envs.engine_health(),
+        state_lock: s.envs.state_lock_ok(HEALTH_LOCK_WAIT).await,
+        // What store-watch last saw (marker, read-only, answers), then one
+        // bounded stat of our own.
+        store: match s.envs.store().usable() {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => {
+                s.store_probe
+                    .check(s.envs.store().root().to_path_buf())
+                    .await
+            }
+        },
+        gossip: s.cluster.gossip_running().await,
+        workers: s.workers.list(),
+        draining: s.envs.is_draining(),
+    };
+    let report = crate::health::assess(&inputs);
+    let status = if report.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report)).into_response()
+}
+
+/// How long `/healthz` tries to take the state lock.
+const HEALTH_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn list_images(State(s): State<Arc<AppState>>) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     let list = s.envs.store().call(|st| st.list()).await?;
@@ -310,6 +340,7 @@ async fn publish(
     let req: PublishRequest = parse_body(&body)?;
     let r = parse_ref("ref", &req.image_ref)?;
     s.envs.store().writable()?;
+    s.envs.engine_ready()?;
     let engine = s.envs.engine().clone();
     let img = engine
         .image(&req.source)

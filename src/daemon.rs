@@ -213,7 +213,16 @@ pub async fn run(
         mail,
         workers: workers.clone(),
         shutdown: stopping.clone(),
+        store_probe: Default::default(),
     });
+
+    // Engine health: pings the engine, publishes its state (admission,
+    // reconcile, gossip and /healthz read it), re-adopts containers when
+    // it comes back. Ends with the daemon.
+    workers.adopt(
+        "engine-health",
+        tokio::spawn(crate::health::run_engine_monitor(envs.clone())),
+    );
 
     // Reconcile worker: notices containers that stopped on their own and
     // frees their room. Ends with the daemon.

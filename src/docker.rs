@@ -6,8 +6,20 @@
 //! The engine is the truth for what runs on this node: every environment
 //! container carries its immutable record in labels (see [`labels`]), and a
 //! restarted daemon rebuilds its view from them.
+//!
+//! Every call is bounded (see [`limits`]): an engine that died fails a call
+//! at once (the socket refuses), one that hangs (a stopped `dockerd`
+//! accepts connections and never answers) fails it after the limit of its
+//! kind. bollard's own timeout is one per client and covers only the
+//! response head, so each call also runs under a `tokio::time::timeout`
+//! of its kind; streams (load, save) are bounded by progress instead of a
+//! total. [`DockerError::no_answer`] tells "the engine did not answer"
+//! from "the engine answered no", which callers must treat differently (an
+//! engine that does not answer says nothing about the containers).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
@@ -20,6 +32,10 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 
 use crate::archive::{chain_ids, Digest};
+
+mod bounds;
+use bounds::{collect_within, idle_bounded, millis_since, transport_failure, within};
+pub use bounds::{limits, NoAnswer};
 
 /// Labels shoal puts on every environment container.
 pub mod labels {
@@ -38,6 +54,8 @@ pub mod labels {
 pub enum DockerError {
     #[error("cannot reach the docker engine: {0}")]
     Connect(String),
+    #[error("docker {op}: no answer within {}", crate::units::format_duration(*after))]
+    Timeout { op: &'static str, after: Duration },
     #[error("docker {op}: {source}")]
     Api {
         op: &'static str,
@@ -52,6 +70,19 @@ pub enum DockerError {
 
 fn api(op: &'static str) -> impl FnOnce(bollard::errors::Error) -> DockerError {
     move |source| DockerError::Api { op, source }
+}
+
+impl DockerError {
+    /// `Some` when the engine did not answer (unreachable or hung), `None`
+    /// when it answered (an error status, a bad image, a failed build).
+    pub fn no_answer(&self) -> Option<NoAnswer> {
+        match self {
+            DockerError::Connect(_) => Some(NoAnswer::Unreachable("cannot connect")),
+            DockerError::Timeout { .. } => Some(NoAnswer::Hung),
+            DockerError::Api { source, .. } => transport_failure(source),
+            DockerError::Load(_) | DockerError::Build(_) => None,
+        }
+    }
 }
 
 fn is_not_found(e: &bollard::errors::Error) -> bool {
@@ -126,14 +157,15 @@ pub struct Engine {
     docker: bollard::Docker,
 }
 
-/// Loads and builds upload whole images through one request, so the
-/// client-side timeout must cover the largest image, not a small call.
-const LONG_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
-
 impl Engine {
     /// Connects to the engine named by `DOCKER_HOST`, or the default socket,
-    /// and agrees on an API version the engine speaks.
+    /// and agrees on an API version the engine speaks (bollard 0.21 speaks
+    /// 1.52 by default; Debian's engine 20.10 speaks 1.41).
     pub async fn connect() -> Result<Engine, DockerError> {
+        // The client's own timeout bounds the response head of every call.
+        // A load's head comes only after the whole archive is uploaded, so
+        // it is the load's limit; every other call has a shorter one of its
+        // own (see `within`).
         let docker = bollard::Docker::connect_with_defaults()
             .map_err(|e| DockerError::Connect(e.to_string()))?;
         Engine::negotiate(docker).await
@@ -144,27 +176,40 @@ impl Engine {
     /// says: the test harness talks to one engine per host.
     pub async fn connect_at(host: &str) -> Result<Engine, DockerError> {
         let path = host.strip_prefix("unix://").unwrap_or(host);
-        let docker = bollard::Docker::connect_with_unix(path, 120, bollard::API_DEFAULT_VERSION)
-            .map_err(|e| DockerError::Connect(e.to_string()))?;
+        let docker = bollard::Docker::connect_with_unix(
+            path,
+            limits::LOAD_MAX.as_secs(),
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(|e| DockerError::Connect(e.to_string()))?;
         Engine::negotiate(docker).await
     }
 
     async fn negotiate(docker: bollard::Docker) -> Result<Engine, DockerError> {
-        let docker = docker.with_timeout(LONG_TIMEOUT);
-        let docker = docker
-            .negotiate_version()
-            .await
+        let docker = docker.with_timeout(limits::LOAD_MAX);
+        let docker = within("version", limits::QUICK, docker.negotiate_version())
+            .await?
             .map_err(|e| DockerError::Connect(e.to_string()))?;
-        docker
-            .ping()
-            .await
-            .map_err(|e| DockerError::Connect(e.to_string()))?;
-        Ok(Engine { docker })
+        let engine = Engine { docker };
+        engine.ping(limits::QUICK).await?;
+        Ok(engine)
+    }
+
+    /// Pings the engine, waiting at most `limit`.
+    pub async fn ping(&self, limit: Duration) -> Result<(), DockerError> {
+        within("ping", limit, self.docker.ping())
+            .await?
+            .map(|_| ())
+            .map_err(api("ping"))
     }
 
     pub async fn info(&self) -> Result<EngineInfo, DockerError> {
-        let info = self.docker.info().await.map_err(api("info"))?;
-        let version = self.docker.version().await.map_err(api("version"))?;
+        let info = within("info", limits::QUICK, self.docker.info())
+            .await?
+            .map_err(api("info"))?;
+        let version = within("version", limits::QUICK, self.docker.version())
+            .await?
+            .map_err(api("version"))?;
         let driver_status: Vec<(String, String)> = info
             .driver_status
             .unwrap_or_default()
@@ -190,7 +235,13 @@ impl Engine {
 
     /// The image `reference` (tag or id), or `None` when the engine lacks it.
     pub async fn image(&self, reference: &str) -> Result<Option<ImageFacts>, DockerError> {
-        match self.docker.inspect_image(reference).await {
+        match within(
+            "inspect image",
+            limits::QUICK,
+            self.docker.inspect_image(reference),
+        )
+        .await?
+        {
             Ok(img) => {
                 let diff_ids = img
                     .root_fs
@@ -215,14 +266,16 @@ impl Engine {
     /// list and all its prefixes. (The engine API has no call that lists
     /// layers; an image's presence implies its whole chain is present.)
     pub async fn held_chain_ids(&self) -> Result<HashSet<Digest>, DockerError> {
-        let images = self
-            .docker
-            .list_images(Some(ListImagesOptions {
+        let images = within(
+            "list images",
+            limits::QUICK,
+            self.docker.list_images(Some(ListImagesOptions {
                 all: true,
                 ..Default::default()
-            }))
-            .await
-            .map_err(api("list images"))?;
+            })),
+        )
+        .await?
+        .map_err(api("list images"))?;
         let mut held = HashSet::new();
         for summary in images {
             if let Some(img) = self.image(&summary.id).await? {
@@ -232,43 +285,99 @@ impl Engine {
         Ok(held)
     }
 
-    /// The `docker save` tar stream of one image.
+    /// The `docker save` tar stream of one image, bounded by progress: the
+    /// first chunk within [`limits::SAVE_FIRST_BYTE`], each later one within
+    /// [`limits::SAVE_IDLE`].
     pub fn export(
         &self,
         reference: &str,
     ) -> impl Stream<Item = Result<Bytes, DockerError>> + Send + 'static {
-        self.docker
+        let inner = self
+            .docker
             .export_image(reference)
             .map_err(|source| DockerError::Api { op: "save", source })
-            .boxed()
+            .boxed();
+        idle_bounded("save", inner, limits::SAVE_FIRST_BYTE, limits::SAVE_IDLE)
     }
 
     /// Sends a `docker load` archive. Succeeds only when the engine reports
     /// the image loaded: a stream error, an `errorDetail`, or an `Error
     /// unpacking image` line (how the containerd store reports a failed
     /// unpack) all fail the load. Returns the engine's messages.
+    ///
+    /// Bounded by progress: the load fails when for [`limits::LOAD_IDLE`]
+    /// the engine takes no byte of the archive and reports no progress (it
+    /// does, layer by layer, while it registers what it unpacked), and in
+    /// any case after [`limits::LOAD_MAX`].
     pub async fn load<S>(&self, archive: S) -> Result<String, DockerError>
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
     {
-        let mut out = String::new();
-        let mut stream = self.docker.import_image_stream(
-            ImportImageOptions {
-                quiet: true,
-                platform: None,
-            },
-            archive,
-            None,
-        );
-        while let Some(item) = stream.next().await {
-            let info = item.map_err(|e| DockerError::Load(e.to_string()))?;
-            if let Some(s) = info.stream.or(info.status) {
-                if s.contains("Error unpacking image") {
-                    return Err(DockerError::Load(s.trim().to_string()));
+        let base = tokio::time::Instant::now();
+        let last = Arc::new(AtomicU64::new(0));
+        let touch = {
+            let last = last.clone();
+            move || last.store(millis_since(base), Ordering::Relaxed)
+        };
+        let taken = {
+            let touch = touch.clone();
+            archive.inspect(move |_| touch())
+        };
+        let work = async {
+            let mut out = String::new();
+            let mut stream = self.docker.import_image_stream(
+                ImportImageOptions {
+                    quiet: false,
+                    platform: None,
+                },
+                taken,
+                None,
+            );
+            while let Some(item) = stream.next().await {
+                touch();
+                let info = match item {
+                    Ok(info) => info,
+                    Err(e) if transport_failure(&e).is_some() => {
+                        return Err(DockerError::Api {
+                            op: "load",
+                            source: e,
+                        })
+                    }
+                    Err(e) => return Err(DockerError::Load(e.to_string())),
+                };
+                if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                    return Err(DockerError::Load(e));
                 }
-                out.push_str(&s);
+                // Progress lines ("Loading layer") only keep the load alive.
+                if info.progress_detail.is_some() {
+                    continue;
+                }
+                if let Some(s) = info.stream.or(info.status) {
+                    if s.contains("Error unpacking image") {
+                        return Err(DockerError::Load(s.trim().to_string()));
+                    }
+                    out.push_str(&s);
+                }
             }
-        }
+            Ok(out)
+        };
+        let stalled = async {
+            let tick = limits::LOAD_IDLE / 10;
+            loop {
+                tokio::time::sleep(tick).await;
+                let idle = millis_since(base).saturating_sub(last.load(Ordering::Relaxed));
+                if Duration::from_millis(idle) >= limits::LOAD_IDLE {
+                    return limits::LOAD_IDLE;
+                }
+            }
+        };
+        let out = tokio::select! {
+            r = work => r?,
+            after = stalled => return Err(DockerError::Timeout { op: "load (no progress)", after }),
+            _ = tokio::time::sleep(limits::LOAD_MAX) => {
+                return Err(DockerError::Timeout { op: "load", after: limits::LOAD_MAX })
+            }
+        };
         if !out.contains("Loaded image") {
             return Err(DockerError::Load(format!(
                 "the engine did not report a loaded image: {}",
@@ -293,6 +402,9 @@ impl Engine {
 
     /// [`Engine::build`] with the tar build context streamed (a build
     /// context can be many GiB: it is never held in memory whole).
+    /// Unbounded here: a build step may be silent for as long as it
+    /// compiles; the build watcher bounds every build as a whole by its
+    /// recipe's `timeout` (`build_timeout`, 1 h by default).
     pub async fn build_stream<S>(
         &self,
         context: S,
@@ -338,17 +450,19 @@ impl Engine {
     /// Removes an image tag (and the image when nothing else refers to it).
     /// A missing image is not an error.
     pub async fn remove_image(&self, reference: &str) -> Result<(), DockerError> {
-        match self
-            .docker
-            .remove_image(
+        match within(
+            "remove image",
+            limits::CHANGE,
+            self.docker.remove_image(
                 reference,
                 Some(RemoveImageOptions {
                     force: true,
                     ..Default::default()
                 }),
                 None,
-            )
-            .await
+            ),
+        )
+        .await?
         {
             Ok(_) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
@@ -393,27 +507,42 @@ impl Engine {
         name: &str,
         body: ContainerCreateBody,
     ) -> Result<String, DockerError> {
-        let created = self
-            .docker
-            .create_container(
+        let created = within(
+            "create container",
+            limits::CHANGE,
+            self.docker.create_container(
                 Some(CreateContainerOptions {
                     name: Some(name.to_string()),
                     platform: String::new(),
                 }),
                 body,
-            )
-            .await
-            .map_err(api("create container"))?;
-        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            ),
+        )
+        .await?
+        .map_err(api("create container"))?;
+        let started = within(
+            "start container",
+            limits::CHANGE,
+            self.docker.start_container(&created.id, None),
+        )
+        .await
+        .and_then(|r| r.map_err(api("start container")));
+        if let Err(e) = started {
             let _ = self.remove_container(&created.id).await;
-            return Err(api("start container")(e));
+            return Err(e);
         }
         Ok(created.id)
     }
 
     /// The container `id`, or `None` when it is gone.
     pub async fn container(&self, id: &str) -> Result<Option<ContainerFacts>, DockerError> {
-        let c = match self.docker.inspect_container(id, None).await {
+        let c = match within(
+            "inspect container",
+            limits::QUICK,
+            self.docker.inspect_container(id, None),
+        )
+        .await?
+        {
             Ok(c) => c,
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(api("inspect container")(e)),
@@ -465,15 +594,17 @@ impl Engine {
             "label".to_string(),
             vec![format!("{}={node}", labels::NODE)],
         )]);
-        let list = self
-            .docker
-            .list_containers(Some(ListContainersOptions {
+        let list = within(
+            "list containers",
+            limits::QUICK,
+            self.docker.list_containers(Some(ListContainersOptions {
                 all: true,
                 filters: Some(filters),
                 ..Default::default()
-            }))
-            .await
-            .map_err(api("list containers"))?;
+            })),
+        )
+        .await?
+        .map_err(api("list containers"))?;
         Ok(list.into_iter().filter_map(|c| c.id).collect())
     }
 
@@ -510,17 +641,19 @@ impl Engine {
 
     /// Stops and removes a container. A missing container is not an error.
     pub async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
-        match self
-            .docker
-            .remove_container(
+        match within(
+            "remove container",
+            limits::CHANGE,
+            self.docker.remove_container(
                 id,
                 Some(RemoveContainerOptions {
                     force: true,
                     v: true,
                     ..Default::default()
                 }),
-            )
-            .await
+            ),
+        )
+        .await?
         {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
@@ -556,7 +689,9 @@ impl Engine {
         self.create_and_start(name, body).await
     }
 
-    /// Waits until container `id` exits; returns its exit code.
+    /// Waits until container `id` exits; returns its exit code. Unbounded
+    /// here: an install step runs as long as it runs, and the build that
+    /// waits is bounded as a whole by its recipe's `timeout`.
     pub async fn wait_exit(&self, id: &str) -> Result<i64, DockerError> {
         // bollard reports a non-zero exit as an error item: the code is
         // read from the container's state afterwards either way.
@@ -568,11 +703,13 @@ impl Engine {
                 }
             }
         }
-        let c = self
-            .docker
-            .inspect_container(id, None)
-            .await
-            .map_err(api("inspect container"))?;
+        let c = within(
+            "inspect container",
+            limits::QUICK,
+            self.docker.inspect_container(id, None),
+        )
+        .await?
+        .map_err(api("inspect container"))?;
         let state = c.state.unwrap_or_default();
         if state.running.unwrap_or(false) {
             return Err(DockerError::Build(format!("container {id} still runs")));
@@ -580,7 +717,8 @@ impl Engine {
         Ok(state.exit_code.unwrap_or(-1))
     }
 
-    /// Everything container `id` wrote to stdout and stderr.
+    /// Everything container `id` wrote to stdout and stderr (what arrives
+    /// within [`limits::CHANGE`]).
     pub async fn logs_all(&self, id: &str) -> String {
         let opts = LogsOptions {
             stdout: true,
@@ -588,7 +726,7 @@ impl Engine {
             tail: "all".into(),
             ..Default::default()
         };
-        let chunks: Vec<_> = self.docker.logs(id, Some(opts)).collect().await;
+        let chunks = collect_within(limits::CHANGE, self.docker.logs(id, Some(opts))).await;
         let mut out = String::new();
         for c in chunks.into_iter().flatten() {
             out.push_str(&String::from_utf8_lossy(&c.into_bytes()));
@@ -608,11 +746,13 @@ impl Engine {
         repo: &str,
         tag: &str,
     ) -> Result<String, DockerError> {
-        let img = self
-            .docker
-            .inspect_image(like)
-            .await
-            .map_err(api("inspect image"))?;
+        let img = within(
+            "inspect image",
+            limits::QUICK,
+            self.docker.inspect_image(like),
+        )
+        .await?
+        .map_err(api("inspect image"))?;
         let c = img.config.unwrap_or_default();
         let config = bollard::models::ContainerConfig {
             user: c.user,
@@ -638,36 +778,43 @@ impl Engine {
             pause: true,
             ..Default::default()
         };
-        let done = self
-            .docker
-            .commit_container(opts, config)
-            .await
-            .map_err(api("commit container"))?;
+        let done = within(
+            "commit container",
+            limits::COMMIT,
+            self.docker.commit_container(opts, config),
+        )
+        .await?
+        .map_err(api("commit container"))?;
         Ok(done.id)
     }
 
     /// Tags image `image` (id or tag) as `repo:tag`.
     pub async fn tag(&self, image: &str, repo: &str, tag: &str) -> Result<(), DockerError> {
-        self.docker
-            .tag_image(
+        within(
+            "tag image",
+            limits::QUICK,
+            self.docker.tag_image(
                 image,
                 Some(TagImageOptions {
                     repo: Some(repo.to_string()),
                     tag: Some(tag.to_string()),
                 }),
-            )
-            .await
-            .map_err(api("tag image"))
+            ),
+        )
+        .await?
+        .map_err(api("tag image"))
     }
 
     /// Every `shoal/...` tag in the engine (the images shoal loaded or
     /// built); other images are never listed, so never touched.
     pub async fn shoal_tags(&self) -> Result<Vec<String>, DockerError> {
-        let images = self
-            .docker
-            .list_images(None::<ListImagesOptions>)
-            .await
-            .map_err(api("list images"))?;
+        let images = within(
+            "list images",
+            limits::QUICK,
+            self.docker.list_images(None::<ListImagesOptions>),
+        )
+        .await?
+        .map_err(api("list images"))?;
         let mut tags: Vec<String> = images
             .into_iter()
             .flat_map(|i| i.repo_tags)
@@ -681,10 +828,13 @@ impl Engine {
     /// Removes tag `reference` unless a container uses the image (no
     /// force); `Ok(false)` when it is in use or already gone.
     pub async fn untag(&self, reference: &str) -> Result<bool, DockerError> {
-        match self
-            .docker
-            .remove_image(reference, None::<RemoveImageOptions>, None)
-            .await
+        match within(
+            "untag image",
+            limits::CHANGE,
+            self.docker
+                .remove_image(reference, None::<RemoveImageOptions>, None),
+        )
+        .await?
         {
             Ok(_) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
@@ -703,7 +853,7 @@ impl Engine {
             tail: lines.to_string(),
             ..Default::default()
         };
-        let chunks: Vec<_> = self.docker.logs(id, Some(opts)).collect().await;
+        let chunks = collect_within(limits::QUICK, self.docker.logs(id, Some(opts))).await;
         let mut out = String::new();
         for c in chunks.into_iter().flatten() {
             out.push_str(&String::from_utf8_lossy(&c.into_bytes()));

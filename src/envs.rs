@@ -21,6 +21,12 @@
 //! reason, frees its room and removes its container. Nothing here
 //! ever restarts or moves a container: after a crash, a container that runs
 //! is adopted as it is, one that stopped is reported failed.
+//!
+//! An engine that does not answer (`health.rs`: unreachable or hung) says
+//! nothing about the containers: while it is down no new environment is
+//! admitted and deletes are refused at once, but no environment is failed
+//! for it (reconcile and the ready wait skip it); when it answers again the
+//! containers are re-adopted as they are.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -55,6 +61,13 @@ pub enum EnvError {
     Transfer(#[from] crate::transfer::TransferError),
     #[error("node {0} is draining and takes no new environments")]
     Draining(String),
+    /// The node's engine does not answer (`detail`: state, since, reason).
+    #[error("node {node}: {detail}")]
+    EngineDown {
+        node: String,
+        state: crate::health::EngineState,
+        detail: String,
+    },
     #[error("host facts: {0}")]
     Host(#[from] crate::host::HostError),
     #[error(transparent)]
@@ -126,6 +139,9 @@ pub struct Envs {
     last_load_bps: Mutex<Option<u64>>,
     /// Set on shutdown: no new environments are admitted.
     draining: std::sync::atomic::AtomicBool,
+    /// The engine's health, written by the `engine-health` worker and read
+    /// by admission, reconcile, the API and the gossip publisher.
+    engine_health: tokio::sync::watch::Sender<crate::health::EngineHealth>,
     /// Woken on every change of a record or reservation, so the gossip
     /// publisher can tell the cluster at once.
     changed: tokio::sync::Notify,
@@ -170,6 +186,10 @@ impl Envs {
             image_locks: Mutex::default(),
             last_load_bps: Mutex::new(None),
             draining: Default::default(),
+            engine_health: tokio::sync::watch::channel(crate::health::EngineHealth::ok_since(
+                OffsetDateTime::now_utc(),
+            ))
+            .0,
             changed: Default::default(),
             version: tokio::sync::watch::channel(0).0,
             faults: Mutex::default(),
@@ -311,6 +331,76 @@ impl Envs {
         self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// The engine's health as the monitor last saw it.
+    pub fn engine_health(&self) -> crate::health::EngineHealth {
+        self.engine_health.borrow().clone()
+    }
+
+    /// A receiver woken on every change of the engine's state.
+    pub fn watch_engine(&self) -> tokio::sync::watch::Receiver<crate::health::EngineHealth> {
+        self.engine_health.subscribe()
+    }
+
+    /// Records the monitor's latest view; `changed` (the state changed)
+    /// wakes the gossip publisher and every watcher.
+    pub fn set_engine_health(&self, health: crate::health::EngineHealth, changed: bool) {
+        self.engine_health.send_if_modified(|h| {
+            *h = health;
+            changed
+        });
+        if changed {
+            self.notify();
+        }
+    }
+
+    /// `Err(EngineDown)` while the engine does not answer: what needs it
+    /// fails at once rather than after a timeout.
+    pub fn engine_ready(&self) -> Result<(), EnvError> {
+        let h = self.engine_health.borrow();
+        if h.state.is_ok() {
+            return Ok(());
+        }
+        Err(EnvError::EngineDown {
+            node: self.settings.name.clone(),
+            state: h.state,
+            detail: h.describe(),
+        })
+    }
+
+    /// Whether the state lock can be taken within `within` (for
+    /// `/healthz`): a lock held that long, or poisoned, is a wedged node.
+    pub async fn state_lock_ok(&self, within: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // The guard is dropped in this statement, before any await.
+            let held = match self.state.try_lock() {
+                Ok(_) => false,
+                Err(std::sync::TryLockError::Poisoned(_)) => {
+                    return Err("the state lock is poisoned (a panic while it was held)".into())
+                }
+                Err(std::sync::TryLockError::WouldBlock) => true,
+            };
+            if !held {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "the state lock has been held for over {}",
+                    crate::units::format_duration(within)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// After the engine answers again: checks every environment said to
+    /// run against its container at once (running ones are kept as they
+    /// are, with their published ports read again; stopped ones fail).
+    pub async fn readopt(&self) {
+        let changed = self.reconcile().await;
+        info!(node = %self.settings.name, changed, "environments re-adopted after the engine came back");
+    }
+
     /// Completes after the next change of any record or reservation.
     pub fn changed(&self) -> &tokio::sync::Notify {
         &self.changed
@@ -367,6 +457,7 @@ impl Envs {
             }
             _ => {}
         }
+        self.engine_ready()?;
         let cap = self.capacity()?;
         let id = new_id();
         let created_at = now_s();
@@ -481,6 +572,9 @@ impl Envs {
         still: impl FnOnce(&EnvRecord) -> bool,
         on_claimed: impl FnOnce(&EnvRecord),
     ) -> Result<Option<EnvRecord>, EnvError> {
+        // Refused before anything changes: with the engine down the
+        // container could not be removed.
+        self.engine_ready()?;
         let (rec, task) = {
             let mut st = self.state.lock().unwrap();
             let rec = st
@@ -581,9 +675,17 @@ impl Envs {
     }
 
     /// Checks that environments said to run still do, and fails (and frees
-    /// the room of) those whose container stopped or vanished. Returns how
-    /// many changed. Called periodically by the daemon.
+    /// the room of) those whose container stopped or vanished; a running
+    /// one whose published ports changed (an engine restart) gets them read
+    /// again. Returns how many changed. Called periodically by the daemon.
+    ///
+    /// "Gone" or "stopped" is what the engine answers; an engine that does
+    /// not answer fails nothing: the round is skipped while the monitor
+    /// says it is down, and ends at the first call it does not answer.
     pub async fn reconcile(&self) -> usize {
+        if !self.engine_health().state.is_ok() {
+            return 0;
+        }
         let ready: Vec<(String, Option<String>)> = {
             let st = self.state.lock().unwrap();
             st.envs
@@ -596,9 +698,22 @@ impl Envs {
         for (id, cid) in ready {
             let cid = cid.unwrap_or_else(|| container_name(&id));
             let reason = match self.engine.container(&cid).await {
-                Ok(Some(c)) if c.running => continue,
+                Ok(Some(c)) if c.running => {
+                    let endpoints = self.endpoints(&c.ports);
+                    let moved = self.get(&id).is_some_and(|r| r.endpoints != endpoints);
+                    if moved && !endpoints.is_empty() {
+                        info!(env = %id, container = %cid, "published ports read again");
+                        self.set_endpoints(&id, endpoints);
+                        changed += 1;
+                    }
+                    continue;
+                }
                 Ok(Some(c)) => exit_reason(c.exit_code, c.oom_killed),
                 Ok(None) => "the container is gone".to_string(),
+                Err(e) if e.no_answer().is_some() => {
+                    warn!(env = %id, error = %e, "reconcile: the engine does not answer, round skipped");
+                    break;
+                }
                 Err(e) => {
                     warn!(env = %id, error = %e, "reconcile: cannot inspect container");
                     continue;
@@ -815,7 +930,9 @@ impl Envs {
                 },
                 Err(e) => warn!(env = %id, error = %e, "inspect failed while waiting for ready"),
             }
-            if tokio::time::Instant::now() >= deadline {
+            // An engine that does not answer says nothing about the
+            // container: wait for it rather than fail the environment.
+            if tokio::time::Instant::now() >= deadline && self.engine_health().state.is_ok() {
                 break Err(format!(
                     "not ready within {}",
                     crate::units::format_duration(self.settings.ready_timeout)
@@ -901,6 +1018,28 @@ impl Envs {
         drop(st);
         self.notify();
         if let Some((rec, seq)) = snap {
+            if let Err(e) = self.write_journal(&rec, seq) {
+                tracing::error!(env = %id, error = %e, "journal write failed");
+            }
+        }
+    }
+
+    /// Sets a record's endpoints and journals it.
+    fn set_endpoints(&self, id: &str, endpoints: Vec<crate::model::Endpoint>) {
+        let rec = {
+            let mut st = self.state.lock().unwrap();
+            let Some(rec) = st
+                .envs
+                .get_mut(id)
+                .filter(|r| r.status != EnvStatus::Deleted)
+            else {
+                return;
+            };
+            rec.endpoints = endpoints;
+            st.snapshot(id)
+        };
+        self.notify();
+        if let Some((rec, seq)) = rec {
             if let Err(e) = self.write_journal(&rec, seq) {
                 tracing::error!(env = %id, error = %e, "journal write failed");
             }

@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod demo;
 pub mod docker;
 pub mod envs;
+pub mod health;
 pub mod host;
 pub mod journal;
 pub mod keyring;

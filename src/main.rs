@@ -744,6 +744,7 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
                         n.gossip.key_ids.join(", ")
                     }
                 );
+                println!("engine      {}", n.engine.describe());
                 for note in n.storage_notes {
                     println!("note        {note}");
                 }

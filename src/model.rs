@@ -341,6 +341,10 @@ pub struct NodeInfo {
     pub max_envs: u32,
     pub env_count: u32,
     pub engine_version: String,
+    /// Whether the engine answers now: `ok`, `unreachable` or `hung`, since
+    /// when, and the last failed probe's short reason.
+    #[serde(default)]
+    pub engine: crate::health::EngineHealth,
     pub storage_driver: String,
     pub containerd_store: bool,
     /// What the storage driver is known to limit (the seed's overlay could

@@ -5,12 +5,14 @@
 //! Filters, in this order (a node is rejected with the first that fails):
 //! 1. alive (not dead, not left) and its facts readable;
 //! 2. not draining;
-//! 3. has role `slave` (a node with no roles configured has every role);
-//! 4. every request constraint `k=v` equals the node's label `k`;
-//! 5. a free environment slot: `env_count < max_envs`;
-//! 6. memory headroom `allocatable − committed` ≥ request (committed
+//! 3. its Docker engine answers (gossip key `engine`: not `unreachable`
+//!    or `hung`);
+//! 4. has role `slave` (a node with no roles configured has every role);
+//! 5. every request constraint `k=v` equals the node's label `k`;
+//! 6. a free environment slot: `env_count < max_envs`;
+//! 7. memory headroom `allocatable − committed` ≥ request (committed
 //!    includes reservations still loading);
-//! 7. AIO headroom `aio_max − max(aio_in_use, aio_committed)` ≥ request.
+//! 8. AIO headroom `aio_max − max(aio_in_use, aio_committed)` ≥ request.
 //!
 //! Why `max` for AIO: `aio_in_use` is the host-wide count of AIO contexts
 //! (`fs.aio-nr`: host processes and every container), `aio_committed` the
@@ -40,6 +42,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::archive::{held_prefix_short, Digest};
+use crate::cluster::keys::EngineState;
 use crate::cluster::keys::LAYER_PREFIX_LEN;
 use crate::cluster::{NodeView, Role};
 use crate::store::Manifest;
@@ -82,6 +85,10 @@ pub enum Reason {
         error: String,
     },
     Draining,
+    /// The node's engine does not answer (`unreachable` or `hung`).
+    EngineDown {
+        engine: EngineState,
+    },
     NotSlave {
         roles: Vec<Role>,
     },
@@ -115,6 +122,7 @@ impl Reason {
             Reason::AioShort { .. } => Some("aio"),
             Reason::MaxEnvs { .. } => Some("max_envs"),
             Reason::Draining => Some("draining"),
+            Reason::EngineDown { .. } => Some("engine"),
             _ => None,
         }
     }
@@ -129,6 +137,18 @@ impl fmt::Display for Reason {
                 write!(f, "node's gossip facts are unreadable: {error}")
             }
             Reason::Draining => write!(f, "node is draining and takes no new environments"),
+            Reason::EngineDown {
+                engine: EngineState::Hung,
+            } => write!(
+                f,
+                "engine hung (the node's docker engine takes connections but does not answer)"
+            ),
+            Reason::EngineDown { .. } => {
+                write!(
+                    f,
+                    "engine unreachable (the node's docker engine does not answer)"
+                )
+            }
             Reason::NotSlave { roles } => {
                 let r: Vec<&str> = roles.iter().map(Role::as_str).collect();
                 write!(f, "node is not a slave (roles: {})", r.join(", "))
@@ -235,6 +255,9 @@ fn check(
     }
     if f.draining {
         return Err(Reason::Draining);
+    }
+    if !f.engine.is_ok() {
+        return Err(Reason::EngineDown { engine: f.engine });
     }
     if !f.has_role(Role::Slave) {
         return Err(Reason::NotSlave {
@@ -480,6 +503,54 @@ mod tests {
                 vec![("dr", Err(Reason::Draining))],
             ),
             (
+                vec![
+                    with("gone", |_, f| f.engine = EngineState::Unreachable),
+                    with("frozen", |_, f| f.engine = EngineState::Hung),
+                    with("fine", |_, f| f.engine = EngineState::Ok),
+                ],
+                req(0, 0),
+                vec![
+                    (
+                        "gone",
+                        Err(Reason::EngineDown {
+                            engine: EngineState::Unreachable,
+                        }),
+                    ),
+                    (
+                        "frozen",
+                        Err(Reason::EngineDown {
+                            engine: EngineState::Hung,
+                        }),
+                    ),
+                    ("fine", Ok(())),
+                ],
+            ),
+            // Draining is reported before the engine; the engine before
+            // any shortage.
+            (
+                vec![
+                    with("dr-down", |_, f| {
+                        f.draining = true;
+                        f.engine = EngineState::Unreachable
+                    }),
+                    with("down-full", |_, f| {
+                        f.engine = EngineState::Hung;
+                        f.env_count = 8;
+                        f.memory_committed = 240 * GIB
+                    }),
+                ],
+                req(GIB, 0),
+                vec![
+                    ("dr-down", Err(Reason::Draining)),
+                    (
+                        "down-full",
+                        Err(Reason::EngineDown {
+                            engine: EngineState::Hung,
+                        }),
+                    ),
+                ],
+            ),
+            (
                 vec![with("b", |_, f| {
                     f.roles = [Role::Build, Role::Master].into()
                 })],
@@ -620,6 +691,18 @@ mod tests {
     fn reasons_read_as_sentences() {
         let cases = [
             (Reason::Dead, "node is dead (no gossip heartbeat)"),
+            (
+                Reason::EngineDown {
+                    engine: EngineState::Unreachable,
+                },
+                "engine unreachable (the node's docker engine does not answer)",
+            ),
+            (
+                Reason::EngineDown {
+                    engine: EngineState::Hung,
+                },
+                "engine hung (the node's docker engine takes connections but does not answer)",
+            ),
             (
                 Reason::NotSlave {
                     roles: vec![Role::Build],

@@ -280,7 +280,10 @@ impl Cluster {
                 )
             })
             .collect();
+        let engine = self.envs.engine_health();
         NodeFacts {
+            engine: engine.state,
+            engine_since: u64::try_from(engine.since.unix_timestamp()).ok(),
             name: s.name.clone(),
             http_addr: self.http_addr.clone(),
             roles: self.roles.clone(),
@@ -302,7 +305,12 @@ impl Cluster {
         }
     }
 
+    /// Re-reads the layers the engine holds. Skipped while the engine is
+    /// down: the last list stands (the layers are still on disk).
     async fn refresh_layers(&self) {
+        if !self.envs.engine_health().state.is_ok() {
+            return;
+        }
         match self.envs.engine().held_chain_ids().await {
             Ok(held) => {
                 let held: Vec<_> = held.into_iter().collect();
@@ -338,23 +346,48 @@ impl Cluster {
     }
 
     /// Publishes after every change, and at least every 2 s (memory and AIO
-    /// in use move on their own); re-reads held layers every 10 s.
+    /// in use move on their own); re-reads held layers every 10 s, and at
+    /// once when the engine answers again.
     pub fn spawn_publisher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             let mut last_layers = tokio::time::Instant::now();
+            let mut engine = me.envs.watch_engine();
+            let mut engine_was_ok = engine.borrow().state.is_ok();
             loop {
                 tokio::select! {
                     _ = me.envs.changed().notified() => {}
+                    _ = engine.changed() => {}
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 }
-                if last_layers.elapsed() >= LAYER_REFRESH {
-                    me.refresh_layers().await;
+                let engine_ok = engine.borrow_and_update().state.is_ok();
+                let back = engine_ok && !engine_was_ok;
+                engine_was_ok = engine_ok;
+                if back || last_layers.elapsed() >= LAYER_REFRESH {
+                    // An engine that stops answering mid-refresh would hold
+                    // the publisher for a whole call limit: publish that at
+                    // once instead (the last layer list stands).
+                    let mut down = me.envs.watch_engine();
+                    tokio::select! {
+                        _ = me.refresh_layers() => {}
+                        _ = down.wait_for(|h| !h.state.is_ok()) => {}
+                    }
                     last_layers = tokio::time::Instant::now();
                 }
                 me.publish().await;
             }
         })
+    }
+
+    /// `Ok` while this node gossips (for `/healthz`).
+    pub async fn gossip_running(&self) -> Result<(), String> {
+        match tokio::time::timeout(Duration::from_secs(1), self.gossip.lock()).await {
+            Err(_) => Err("the gossip state is locked for over 1s".into()),
+            Ok(g) => match g.as_ref() {
+                None => Err("the node left the cluster".into()),
+                Some(g) => g.running(),
+            },
+        }
     }
 
     /// The cluster as gossip shows it now (fresh, with heartbeat ages).
@@ -429,11 +462,13 @@ impl Cluster {
                     Err(
                         e @ (EnvError::Refused { .. }
                         | EnvError::Draining(_)
-                        | EnvError::DiskFull { .. }),
+                        | EnvError::DiskFull { .. }
+                        | EnvError::EngineDown { .. }),
                     ) => {
                         let resource = match &e {
                             EnvError::Refused { shortage, .. } => shortage.resource(),
                             EnvError::DiskFull { .. } => "disk",
+                            EnvError::EngineDown { .. } => "engine",
                             _ => "draining",
                         };
                         reasons.push(NodeReason {

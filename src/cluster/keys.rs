@@ -20,6 +20,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::health::EngineState;
+
 /// Longest value shoal puts in gossip, in bytes.
 pub const MAX_VALUE_LEN: usize = 400;
 /// Longest key shoal puts in gossip, in bytes.
@@ -59,6 +61,9 @@ pub const KEY_VERSION: &str = "version";
 pub const KEY_DRIVER: &str = "driver";
 /// Measured load throughput, bytes/s; absent until measured.
 pub const KEY_LOAD_BPS: &str = "load_bps";
+/// `state,since`: the engine's state (`ok`, `unreachable`, `hung`) and
+/// the unix second it entered it; absent from shoal before 0.2 (read `ok`).
+pub const KEY_ENGINE: &str = "engine";
 /// Written once, by a node leaving the cluster cleanly.
 pub const KEY_LEFT: &str = "left";
 /// Prefix of the one-key-per-layer entries.
@@ -177,6 +182,11 @@ pub struct NodeFacts {
     pub max_envs: u32,
     pub env_count: u32,
     pub draining: bool,
+    /// Whether the node's Docker engine answers (placement leaves a node
+    /// whose engine is down out).
+    pub engine: EngineState,
+    /// Unix seconds since the engine has been in `engine`'s state.
+    pub engine_since: Option<u64>,
     pub version: String,
     pub storage_driver: String,
     /// Measured load throughput, bytes/s of uncompressed layer tar.
@@ -351,6 +361,13 @@ pub fn to_kv(f: &NodeFacts) -> Vec<(String, String)> {
     );
     put(KEY_ENVS, format!("{},{}", f.env_count, f.max_envs));
     put(KEY_DRAINING, if f.draining { "1" } else { "0" }.to_string());
+    put(
+        KEY_ENGINE,
+        match f.engine_since {
+            Some(since) => format!("{},{since}", f.engine.as_str()),
+            None => f.engine.as_str().to_string(),
+        },
+    );
     put(KEY_VERSION, short_text(&f.version));
     put(KEY_DRIVER, short_text(&f.storage_driver));
     if let Some(bps) = f.load_bps {
@@ -467,6 +484,19 @@ pub fn from_kv<'a>(
                 };
                 KEY_DRAINING
             }
+            KEY_ENGINE => {
+                let (state, since) = match v.split_once(',') {
+                    Some((s, t)) => (s, Some(t)),
+                    None => (v, None),
+                };
+                f.engine = state
+                    .parse()
+                    .map_err(|_| bad(k, v, "expected ok, unreachable or hung"))?;
+                f.engine_since = since
+                    .map(|t| t.parse().map_err(|_| bad(k, v, "since is not a number")))
+                    .transpose()?;
+                KEY_ENGINE
+            }
             KEY_VERSION => {
                 f.version = v.to_string();
                 KEY_VERSION
@@ -572,6 +602,8 @@ mod tests {
             max_envs: 8,
             env_count: 1,
             draining: false,
+            engine: EngineState::Ok,
+            engine_since: Some(1_764_626_400),
             version: "0.1.0".into(),
             storage_driver: "overlay2".into(),
             load_bps: Some(123_456_789),
@@ -628,6 +660,46 @@ mod tests {
         assert_eq!(from_kv(kv_refs(&kv)), Err(KeyError::Missing(KEY_MEM)));
         let bad_mem = [("mem", "1,2")];
         assert!(matches!(from_kv(bad_mem), Err(KeyError::Bad { .. })));
+    }
+
+    #[test]
+    fn engine_key_table() {
+        let base = to_kv(&sample());
+        let with = |v: Option<&str>| -> Result<NodeFacts, KeyError> {
+            let mut kv: Vec<(String, String)> = base
+                .iter()
+                .filter(|(k, _)| k != KEY_ENGINE)
+                .cloned()
+                .collect();
+            if let Some(v) = v {
+                kv.push((KEY_ENGINE.into(), v.into()));
+            }
+            from_kv(kv_refs(&kv))
+        };
+        type Want = Option<(EngineState, Option<u64>)>;
+        let cases: [(Option<&str>, Want); 7] = [
+            // A node from before the key: its engine counts as ok.
+            (None, Some((EngineState::Ok, None))),
+            (Some("ok"), Some((EngineState::Ok, None))),
+            (Some("ok,100"), Some((EngineState::Ok, Some(100)))),
+            (
+                Some("unreachable,1764626400"),
+                Some((EngineState::Unreachable, Some(1_764_626_400))),
+            ),
+            (Some("hung,7"), Some((EngineState::Hung, Some(7)))),
+            (Some("down"), None),
+            (Some("hung,soon"), None),
+        ];
+        for (value, want) in cases {
+            let got = with(value).map(|f| (f.engine, f.engine_since)).ok();
+            assert_eq!(got, want, "{value:?}");
+        }
+        let mut f = sample();
+        f.engine = EngineState::Hung;
+        let kv = to_kv(&f);
+        let (_, v) = kv.iter().find(|(k, _)| k == KEY_ENGINE).unwrap();
+        assert_eq!(v, "hung,1764626400");
+        assert!(v.is_ascii() && v.len() <= MAX_VALUE_LEN);
     }
 
     #[test]
@@ -746,7 +818,13 @@ mod tests {
             btree_map("[a-z][a-z0-9._-]{0,10}", "[ -~]{0,20}", 0..5),
             (any::<u64>(), any::<u64>(), 0u64..u64::MAX / 2),
             (any::<u64>(), 0u64..u64::MAX / 2, any::<u64>()),
-            (any::<u32>(), any::<u32>(), any::<bool>()),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                any::<bool>(),
+                0usize..3,
+                proptest::option::of(any::<u64>()),
+            ),
             (
                 arb_text(),
                 "[a-z0-9]{0,12}",
@@ -770,6 +848,9 @@ mod tests {
                     max_envs: envs_n.0,
                     env_count: envs_n.1,
                     draining: envs_n.2,
+                    engine: [EngineState::Ok, EngineState::Unreachable, EngineState::Hung]
+                        [envs_n.3],
+                    engine_since: envs_n.4,
                     version: text.0,
                     storage_driver: text.1,
                     load_bps: text.2,

@@ -311,6 +311,21 @@ impl Gossip {
         }
     }
 
+    /// `Ok` while the gossip server and its observer run; else what ended.
+    pub fn running(&self) -> Result<(), String> {
+        use futures::FutureExt;
+        if let Some(ended) = self.handle.termination_watcher().now_or_never() {
+            return Err(match ended {
+                Ok(()) => "the gossip server stopped".into(),
+                Err(e) => format!("the gossip server stopped: {e}"),
+            });
+        }
+        if self.observer.is_finished() {
+            return Err("the gossip observer stopped".into());
+        }
+        Ok(())
+    }
+
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.self_id.node_id

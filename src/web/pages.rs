@@ -576,12 +576,17 @@ pub fn cluster(
             "DEAD"
         } else if n.facts.as_ref().is_some_and(|f| f.draining) {
             "draining"
+        } else if let Some(f) = n.facts.as_ref().filter(|f| !f.engine.is_ok()) {
+            match f.engine {
+                crate::cluster::keys::EngineState::Hung => "engine hung",
+                _ => "engine unreachable",
+            }
         } else {
             "alive"
         };
         let class = match state {
             "DEAD" => " class=\"dead\"",
-            "left" | "draining" => " class=\"warn\"",
+            "left" | "draining" | "engine hung" | "engine unreachable" => " class=\"warn\"",
             _ => "",
         };
         let me = if n.is_self {
@@ -749,9 +754,13 @@ mod tests {
             heartbeat: 1,
             last_seen: None,
         };
+        let mut frozen = node("n3", true);
+        if let Some(f) = frozen.facts.as_mut() {
+            f.engine = crate::cluster::keys::EngineState::Hung;
+        }
         let view = ClusterView {
             self_name: "n1".into(),
-            nodes: vec![node("n1", true), node("n2", false)],
+            nodes: vec![node("n1", true), node("n2", false), frozen],
         };
         let mut lost = rec(EnvStatus::Lost);
         lost.node = "n2".into();
@@ -774,6 +783,10 @@ mod tests {
             "{html}"
         );
         assert!(html.contains("<tr class=\"lost\">"), "{html}");
+        assert!(
+            html.contains("<tr class=\"warn\"><td>n3</td><td><b>engine hung</b>"),
+            "{html}"
+        );
         assert!(
             html.contains("queued: 2") && html.contains("connection refused"),
             "{html}"
