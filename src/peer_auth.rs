@@ -410,6 +410,67 @@ impl PeerAuth {
     }
 }
 
+/// How this node treats node-to-node calls; follows the gossip sealing
+/// mode, so a cluster moves to signed calls the way it moves to sealed
+/// gossip (every node signing first, then every node requiring it).
+#[derive(Debug, Clone)]
+pub enum PeerPolicy {
+    /// Calls are signed; a call with an `x-shoal-*` header is honoured only
+    /// with a valid signature.
+    Required(std::sync::Arc<PeerAuth>),
+    /// Calls are signed and signed calls checked, but unsigned calls of
+    /// nodes not moved yet are still honoured.
+    Transitional(std::sync::Arc<PeerAuth>),
+    /// No cluster key (insecure mode): nothing is signed, any caller's
+    /// `x-shoal-*` headers are honoured.
+    Off,
+}
+
+impl PeerPolicy {
+    /// The signer of outgoing calls.
+    pub fn signer(&self) -> Option<&std::sync::Arc<PeerAuth>> {
+        match self {
+            PeerPolicy::Required(a) | PeerPolicy::Transitional(a) => Some(a),
+            PeerPolicy::Off => None,
+        }
+    }
+
+    /// `required`, `transitional` or `off`, as `GET /v1/node` shows it.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            PeerPolicy::Required(_) => "required",
+            PeerPolicy::Transitional(_) => "transitional",
+            PeerPolicy::Off => "off",
+        }
+    }
+}
+
+/// What the receiver does with an incoming call (see [`admit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// No signature and no `x-shoal-*` header: an ordinary client call.
+    Plain,
+    /// Signed: check the signature (reading the body), then honour it.
+    Verify,
+    /// Honour its `x-shoal-*` headers without a check (transitional or off).
+    Trust,
+    /// Refuse it: it carries this `x-shoal-*` header without a signature.
+    Refuse(String),
+}
+
+/// Decides from the headers alone. `shoal_header` is the first `x-shoal-*`
+/// header of the call other than the signature's own, if any.
+pub fn admit(policy: &PeerPolicy, signed: bool, shoal_header: Option<&str>) -> Admission {
+    match (policy, signed, shoal_header) {
+        (PeerPolicy::Off, false, None) => Admission::Plain,
+        (PeerPolicy::Off, _, _) => Admission::Trust,
+        (_, true, _) => Admission::Verify,
+        (_, false, None) => Admission::Plain,
+        (PeerPolicy::Transitional(_), false, Some(_)) => Admission::Trust,
+        (PeerPolicy::Required(_), false, Some(h)) => Admission::Refuse(h.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,6 +768,37 @@ mod tests {
             a.verify(&presented(&s), "GET", "/v1/environments", b""),
             Err(AuthError::BadSignature)
         );
+    }
+
+    #[test]
+    fn admission_by_policy() {
+        let auth = std::sync::Arc::new(PeerAuth::new("b", keys(&[1])));
+        let req = PeerPolicy::Required(auth.clone());
+        let tra = PeerPolicy::Transitional(auth);
+        let off = PeerPolicy::Off;
+        let local = Some("x-shoal-local");
+        use Admission::*;
+        let cases = [
+            (&req, false, None, Plain),
+            (&req, true, None, Verify),
+            (&req, true, local, Verify),
+            (&req, false, local, Refuse("x-shoal-local".into())),
+            (&tra, false, None, Plain),
+            (&tra, true, local, Verify),
+            (&tra, false, local, Trust),
+            (&off, false, None, Plain),
+            (&off, false, local, Trust),
+            (&off, true, None, Trust),
+        ];
+        for (policy, signed, header, want) in cases {
+            assert_eq!(
+                admit(policy, signed, header),
+                want,
+                "{} {signed} {header:?}",
+                policy.mode()
+            );
+        }
+        assert!(req.signer().is_some() && tra.signer().is_some() && off.signer().is_none());
     }
 
     proptest! {

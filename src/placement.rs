@@ -81,6 +81,10 @@ pub enum Reason {
     UnreadableFacts {
         error: String,
     },
+    /// Its gossiped HTTP address failed the checks: nothing is sent there.
+    BadHttpAddr {
+        error: String,
+    },
     Draining,
     NotSlave {
         roles: Vec<Role>,
@@ -128,6 +132,7 @@ impl fmt::Display for Reason {
             Reason::UnreadableFacts { error } => {
                 write!(f, "node's gossip facts are unreadable: {error}")
             }
+            Reason::BadHttpAddr { error } => write!(f, "node is not called: {error}"),
             Reason::Draining => write!(f, "node is draining and takes no new environments"),
             Reason::NotSlave { roles } => {
                 let r: Vec<&str> = roles.iter().map(Role::as_str).collect();
@@ -232,6 +237,12 @@ fn check(
     };
     if n.left {
         return Err(Reason::Left);
+    }
+    // This node serves itself without HTTP; any other is called there.
+    if let (Some(error), false) = (&n.http_error, n.is_self) {
+        return Err(Reason::BadHttpAddr {
+            error: error.clone(),
+        });
     }
     if f.draining {
         return Err(Reason::Draining);
@@ -382,6 +393,7 @@ mod tests {
                 ..Default::default()
             }),
             facts_error: None,
+            http_error: None,
             alive: true,
             left: false,
             is_self: false,
@@ -473,6 +485,25 @@ mod tests {
                         error: "missing key `mem`".into(),
                     }),
                 )],
+            ),
+            (
+                vec![with("h", |n, _| n.http_error = Some("bad host".into()))],
+                req(0, 0),
+                vec![(
+                    "h",
+                    Err(Reason::BadHttpAddr {
+                        error: "bad host".into(),
+                    }),
+                )],
+            ),
+            // This node is served without HTTP: its own address is not used.
+            (
+                vec![with("me", |n, _| {
+                    n.is_self = true;
+                    n.http_error = Some("bad host".into())
+                })],
+                req(0, 0),
+                vec![("me", Ok(()))],
             ),
             (
                 vec![with("dr", |_, f| f.draining = true)],

@@ -47,7 +47,7 @@ use crate::config::Settings;
 use crate::docker::{DockerError, Engine};
 use crate::envs::Envs;
 use crate::model::EnvStatus;
-use crate::routing::{Cluster, LOCAL_HEADER};
+use crate::routing::Cluster;
 use crate::store::{ImageRef, Manifest, PublishHint, Store, StoreError};
 use recipe::{Recipe, RecipeError};
 use retention::{ManifestEntry, Step};
@@ -1043,9 +1043,7 @@ fn build_peers(cluster: &Cluster) -> Vec<(String, Client)> {
             if !f.roles.contains(&Role::Build) {
                 return None;
             }
-            let c = Client::new(&format!("http://{}", f.http_addr), PEER_TIMEOUT)
-                .ok()?
-                .with_header(LOCAL_HEADER, "1");
+            let c = cluster.peer_client(&n, PEER_TIMEOUT)?;
             Some((n.name.clone(), c))
         })
         .collect()
