@@ -364,6 +364,8 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
             &s.engine.storage_driver,
             s.engine.containerd_store,
         ),
+        gossip: s.cluster.gossip_security(),
+        peer_calls: s.cluster.peer_policy().mode().to_string(),
     }))
 }
 

@@ -80,6 +80,18 @@ pub struct Config {
     /// Gossip addresses of any existing members (`host:port`). The first node
     /// names none.
     pub seeds: Option<Vec<String>>,
+    /// The cluster key file (`shoal key generate > FILE`, mode 0600). Default:
+    /// `<data_dir>/cluster.key`, created on first start, for a node with no
+    /// seeds; a node with seeds must be given one (or `insecure_gossip`).
+    pub cluster_key: Option<PathBuf>,
+    /// Gossip sealing: `required` (default: every datagram sealed, unsealed
+    /// ones dropped), `transitional` (seal outgoing, still accept unsealed:
+    /// for moving a running cluster to sealed), `off` (needs
+    /// `insecure_gossip`).
+    pub gossip_seal: Option<String>,
+    /// Allows unsealed gossip: a node with seeds and no `cluster_key`, or
+    /// `gossip_seal = "off"`. Default false.
+    pub insecure_gossip: Option<bool>,
     /// `slave` (takes environments), `build`, `master`, `test`. Default: all.
     pub roles: Option<Vec<String>>,
     /// Free-form labels (`memory = "256GB"`, `rack = "3"`).
@@ -169,6 +181,9 @@ impl Config {
             gossip,
             advertise,
             seeds,
+            cluster_key,
+            gossip_seal,
+            insecure_gossip,
             roles,
             labels,
             gossip_interval,
@@ -328,6 +343,8 @@ impl Config {
             return Err(field("phi_threshold", "must be 1-100"));
         }
         let builds = self.build_settings()?;
+        let seeds = self.seeds.clone().unwrap_or_default();
+        let (gossip_seal, cluster_key) = self.gossip_security(&data_dir, &seeds)?;
         Ok(Settings {
             name,
             listen: self
@@ -344,7 +361,10 @@ impl Config {
             cluster_id: self.cluster_id.clone().unwrap_or_else(|| "shoal".into()),
             gossip,
             advertise: self.advertise.unwrap_or(gossip),
-            seeds: self.seeds.clone().unwrap_or_default(),
+            seeds,
+            cluster_key,
+            gossip_seal,
+            insecure_gossip: self.insecure_gossip.unwrap_or(false),
             roles,
             labels,
             gossip_interval,
@@ -358,6 +378,40 @@ impl Config {
             mail_from,
             public_url,
         })
+    }
+
+    /// The seal mode and where the cluster key comes from (see the fields'
+    /// docs): a node that joins others never gossips unsealed unless the
+    /// operator said `insecure_gossip`.
+    fn gossip_security(
+        &self,
+        data_dir: &Path,
+        seeds: &[String],
+    ) -> Result<(SealMode, KeyFile), ConfigError> {
+        let insecure = self.insecure_gossip.unwrap_or(false);
+        let mode = match self.gossip_seal.as_deref() {
+            None => None,
+            Some(s) => Some(SealMode::parse(s).map_err(|e| field("gossip_seal", e))?),
+        };
+        let key = self.cluster_key.clone().map(KeyFile::Given);
+        match (key, mode) {
+            (_, Some(SealMode::Off)) if !insecure => Err(field(
+                "gossip_seal",
+                "`off` gossips unsealed: it needs insecure_gossip = true (--insecure-gossip)",
+            )),
+            (key, Some(SealMode::Off)) => Ok((SealMode::Off, key.unwrap_or(KeyFile::None))),
+            (Some(key), mode) => Ok((mode.unwrap_or(SealMode::Required), key)),
+            (None, mode) if seeds.is_empty() => Ok((
+                mode.unwrap_or(SealMode::Required),
+                KeyFile::Default(data_dir.join("cluster.key")),
+            )),
+            (None, None) if insecure => Ok((SealMode::Off, KeyFile::None)),
+            (None, _) => Err(field(
+                "cluster_key",
+                "this node joins others (seeds) but has no cluster key: give --cluster-key FILE \
+                 (a copy of the cluster's key file, mode 0600), or --insecure-gossip to gossip unsealed",
+            )),
+        }
     }
 
     fn build_settings(&self) -> Result<BuildSettings, ConfigError> {
@@ -441,6 +495,51 @@ fn parse_gossip_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// How gossip datagrams are sealed (`docs/security.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SealMode {
+    /// Every datagram sealed; unsealed ones are dropped.
+    Required,
+    /// Seal outgoing (plus an unsealed copy to peers not yet heard sealed),
+    /// accept unsealed: the step between an unsealed and a sealed cluster.
+    Transitional,
+    /// Unsealed gossip (only with `insecure_gossip`).
+    Off,
+}
+
+impl SealMode {
+    pub fn parse(s: &str) -> Result<SealMode, String> {
+        match s.trim() {
+            "required" => Ok(SealMode::Required),
+            "transitional" => Ok(SealMode::Transitional),
+            "off" => Ok(SealMode::Off),
+            other => Err(format!(
+                "`{other}` is not one of required, transitional, off"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SealMode::Required => "required",
+            SealMode::Transitional => "transitional",
+            SealMode::Off => "off",
+        }
+    }
+}
+
+/// Where the cluster key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyFile {
+    /// `cluster_key`: read it (it must exist, mode 0600).
+    Given(PathBuf),
+    /// `<data_dir>/cluster.key`: created on first start, then read.
+    Default(PathBuf),
+    /// No key (unsealed gossip, `insecure_gossip`).
+    None,
+}
+
 /// Checked configuration with every default filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -458,6 +557,9 @@ pub struct Settings {
     pub gossip: SocketAddr,
     pub advertise: SocketAddr,
     pub seeds: Vec<String>,
+    pub cluster_key: KeyFile,
+    pub gossip_seal: SealMode,
+    pub insecure_gossip: bool,
     pub roles: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub gossip_interval: Duration,
@@ -540,6 +642,77 @@ mod tests {
         assert!(err("smtp = \"http://mail\"").contains("`smtp`"));
         assert!(err("mail_from = \"nobody\"").contains("`mail_from`"));
         assert!(err("public_url = \"ftp://x\"").contains("`public_url`"));
+    }
+
+    #[test]
+    fn gossip_security_table() {
+        use SealMode::*;
+        let dd = PathBuf::from(".shoal/cluster.key");
+        let k = PathBuf::from("/etc/shoal/cluster.key");
+        // (seeds, cluster_key, gossip_seal, insecure) -> mode, key, or the field in error
+        type Want = Result<(SealMode, KeyFile), &'static str>;
+        let cases: Vec<(bool, bool, Option<&str>, bool, Want)> = vec![
+            (
+                false,
+                false,
+                None,
+                false,
+                Ok((Required, KeyFile::Default(dd.clone()))),
+            ),
+            (
+                false,
+                true,
+                None,
+                false,
+                Ok((Required, KeyFile::Given(k.clone()))),
+            ),
+            (
+                true,
+                true,
+                None,
+                false,
+                Ok((Required, KeyFile::Given(k.clone()))),
+            ),
+            (
+                true,
+                true,
+                Some("transitional"),
+                false,
+                Ok((Transitional, KeyFile::Given(k.clone()))),
+            ),
+            (true, false, None, false, Err("cluster_key")),
+            (true, false, Some("transitional"), true, Err("cluster_key")),
+            (true, false, None, true, Ok((Off, KeyFile::None))),
+            (true, false, Some("off"), true, Ok((Off, KeyFile::None))),
+            (true, true, Some("off"), false, Err("gossip_seal")),
+            (false, false, Some("off"), false, Err("gossip_seal")),
+            (false, false, Some("sealed"), false, Err("gossip_seal")),
+            (
+                false,
+                false,
+                Some("transitional"),
+                false,
+                Ok((Transitional, KeyFile::Default(dd.clone()))),
+            ),
+        ];
+        for (seeds, key, seal, insecure, want) in cases {
+            let c = Config {
+                seeds: seeds.then(|| vec!["10.0.0.1:7946".to_string()]),
+                cluster_key: key.then(|| k.clone()),
+                gossip_seal: seal.map(String::from),
+                insecure_gossip: Some(insecure),
+                ..Default::default()
+            };
+            let got = c
+                .resolve(8 * GIB, "h")
+                .map(|s| (s.gossip_seal, s.cluster_key))
+                .map_err(|e| e.to_string());
+            match (got, want) {
+                (Ok(g), Ok(w)) => assert_eq!(g, w, "{seeds} {key} {seal:?} {insecure}"),
+                (Err(e), Err(f)) => assert!(e.contains(&format!("`{f}`")), "{e}"),
+                (g, w) => panic!("{seeds} {key} {seal:?} {insecure}: got {g:?}, want {w:?}"),
+            }
+        }
     }
 
     #[test]

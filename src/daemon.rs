@@ -11,9 +11,10 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::api::{router, AppState};
-use crate::config::Settings;
+use crate::config::{KeyFile, Settings};
 use crate::docker::{DockerError, Engine};
 use crate::envs::{EnvError, Envs};
+use crate::keyring::Keyring;
 use crate::routing::Cluster;
 use crate::store::{ImageRef, PublishHint, Store, StoreError};
 
@@ -35,6 +36,8 @@ pub enum DaemonError {
     Builds(#[from] crate::builds::BuildError),
     #[error(transparent)]
     Mail(#[from] crate::mail::MailError),
+    #[error(transparent)]
+    Keyring(#[from] crate::keyring::KeyringError),
 }
 
 /// Options that are about this run, not the node's configuration.
@@ -78,6 +81,7 @@ pub async fn run(
             source: e,
         })
     })?;
+    let keyring = load_keyring(&settings)?;
     let store = Store::open(&settings.store)?;
     if opts.demo {
         ensure_demo(&engine, &store).await?;
@@ -99,7 +103,7 @@ pub async fn run(
         envs.clone(),
         http_addr.clone(),
         info.storage_driver.clone(),
-        crate::peer_auth::PeerPolicy::Off,
+        keyring,
     )
     .await?;
     let workers = crate::workers::Workers::new();
@@ -195,6 +199,29 @@ pub async fn run(
         .await;
     workers.abort_all();
     served.map_err(DaemonError::Serve)
+}
+
+/// The cluster keyring, per `cluster_key`: read the given file, or create
+/// `<data_dir>/cluster.key` on first start; `None` for unsealed gossip.
+/// Only key ids are logged, never key bytes.
+fn load_keyring(settings: &Settings) -> Result<Option<Arc<Keyring>>, DaemonError> {
+    let (keyring, path, created) = match &settings.cluster_key {
+        KeyFile::None => {
+            warn!(node = %settings.name, "no cluster key: gossip is unsealed (--insecure-gossip); anyone who reaches the gossip port can join");
+            return Ok(None);
+        }
+        KeyFile::Given(p) => (Keyring::load(p)?, p, false),
+        KeyFile::Default(p) => {
+            let (k, created) = Keyring::load_or_create(p)?;
+            (k, p, created)
+        }
+    };
+    let ids: Vec<String> = keyring.ids().iter().map(|i| i.to_string()).collect();
+    if created {
+        info!(node = %settings.name, key_file = %path.display(), key_id = %ids[0], "created a new cluster key (give a copy to every node that joins this one)");
+    }
+    info!(node = %settings.name, key_file = %path.display(), key_ids = ?ids, seal = settings.gossip_seal.as_str(), "cluster key loaded");
+    Ok(Some(Arc::new(keyring)))
 }
 
 /// Builds the embedded demo image and publishes it as [`DEMO_REF`] unless

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod docker;
 pub mod envs;
 pub mod host;
+pub mod keyring;
 pub mod mail;
 pub mod model;
 pub mod peer_auth;

@@ -126,6 +126,18 @@ enum Cmd {
     },
     /// Print a build's log.
     BuildLog { product: String, build: String },
+    /// Cluster keys (local; talks to no node).
+    #[command(subcommand)]
+    Key(KeyCmd),
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Print a new cluster key line: `shoal key generate > FILE`, then
+    /// `chmod 600 FILE` and give the same file to every node
+    /// (`--cluster-key FILE`). Appending the line to an existing key file
+    /// adds a secondary key (rotation: docs/security.md).
+    Generate,
 }
 
 #[derive(Args)]
@@ -176,6 +188,16 @@ struct DaemonArgs {
     /// Gossip address of an existing member, repeatable.
     #[arg(long = "seed")]
     seeds: Vec<String>,
+    /// Cluster key file (mode 0600; `shoal key generate`). Default without
+    /// seeds: <data_dir>/cluster.key, created on first start.
+    #[arg(long)]
+    cluster_key: Option<PathBuf>,
+    /// Gossip sealing: required (default), transitional, off.
+    #[arg(long)]
+    gossip_seal: Option<String>,
+    /// Allow unsealed gossip (seeds without a cluster key, or --gossip-seal off).
+    #[arg(long)]
+    insecure_gossip: bool,
     /// slave, build, master or test; repeatable. Default: all.
     #[arg(long = "role")]
     roles: Vec<String>,
@@ -261,6 +283,9 @@ impl DaemonArgs {
             gossip: self.gossip,
             advertise: self.advertise,
             seeds: (!self.seeds.is_empty()).then(|| self.seeds.clone()),
+            cluster_key: self.cluster_key.clone(),
+            gossip_seal: self.gossip_seal.clone(),
+            insecure_gossip: self.insecure_gossip.then_some(true),
             roles: (!self.roles.is_empty()).then(|| self.roles.clone()),
             labels,
             gossip_interval: self.gossip_interval.clone(),
@@ -309,6 +334,10 @@ fn main() -> Result<()> {
     rt.block_on(async move {
         match cli.cmd {
             Cmd::Daemon(args) => daemon(*args).await,
+            Cmd::Key(KeyCmd::Generate) => {
+                print!("{}", shoal::keyring::Keyring::generate_line());
+                Ok(())
+            }
             cmd => client_cmd(&cli.node, cmd).await,
         }
     })
@@ -336,7 +365,7 @@ async fn daemon(args: DaemonArgs) -> Result<()> {
 async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
     let client = Client::new(node, Duration::from_secs(600))?;
     match cmd {
-        Cmd::Daemon(_) => unreachable!("handled in main"),
+        Cmd::Daemon(_) | Cmd::Key(_) => unreachable!("handled in main"),
         Cmd::Publish { source, image_ref } => {
             let img: ImageInfo = client
                 .post("/v1/images", &json!({"source": source, "ref": image_ref}))
@@ -684,6 +713,23 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
                         ""
                     }
                 );
+                println!(
+                    "gossip      {}{}, keys {}",
+                    n.gossip.mode,
+                    if n.gossip.insecure {
+                        " (insecure allowed)"
+                    } else {
+                        ""
+                    },
+                    if n.gossip.key_ids.is_empty() {
+                        "none".to_string()
+                    } else {
+                        n.gossip.key_ids.join(", ")
+                    }
+                );
+                if !n.peer_calls.is_empty() {
+                    println!("peer calls  {}", n.peer_calls);
+                }
                 for note in n.storage_notes {
                     println!("note        {note}");
                 }

@@ -346,6 +346,26 @@ pub struct NodeInfo {
     /// What the storage driver is known to limit (the seed's overlay could
     /// not write files over 2.5 GB).
     pub storage_notes: Vec<String>,
+    /// How this node's gossip is protected.
+    #[serde(default)]
+    pub gossip: GossipSecurity,
+    /// How node-to-node HTTP calls are checked (`docs/security.md`):
+    /// `required` (signed calls only), `transitional` (signs, still honours
+    /// unsigned ones) or `off` (no key: nothing signed).
+    #[serde(default)]
+    pub peer_calls: String,
+}
+
+/// How a node's gossip is protected (`docs/security.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipSecurity {
+    /// `required` (sealed only), `transitional` (seals, still accepts
+    /// unsealed) or `off` (unsealed).
+    pub mode: String,
+    /// Started with `--insecure-gossip` (unsealed gossip allowed).
+    pub insecure: bool,
+    /// Public ids of the cluster keys, the primary (which seals) first.
+    pub key_ids: Vec<String>,
 }
 
 /// The body of every error answer.

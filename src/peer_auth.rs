@@ -70,6 +70,14 @@ impl HttpKey {
         HttpKey { id, key }
     }
 
+    /// A key with the id it is known by elsewhere (the keyring's).
+    pub fn with_id(id: &str, key: [u8; 32]) -> HttpKey {
+        HttpKey {
+            id: id.to_string(),
+            key,
+        }
+    }
+
     /// The key's id, as sent in [`SIG_HEADER`].
     pub fn id(&self) -> &str {
         &self.id
@@ -103,6 +111,17 @@ impl PeerKeys {
         Some(PeerKeys {
             keys: keys.into_iter().map(HttpKey::new).collect(),
         })
+    }
+
+    /// The keyring's HTTP subkeys, primary first, under the keyring's ids.
+    pub fn from_keyring(keyring: &crate::keyring::Keyring) -> PeerKeys {
+        PeerKeys {
+            keys: keyring
+                .http_keys()
+                .iter()
+                .map(|k| HttpKey::with_id(&k.id.to_string(), *k.secret.bytes()))
+                .collect(),
+        }
     }
 
     pub fn primary(&self) -> &HttpKey {
@@ -427,6 +446,25 @@ pub enum PeerPolicy {
 }
 
 impl PeerPolicy {
+    /// The policy of node `me`: none without a keyring; with one, it
+    /// follows the gossip seal mode (`required` requires signed calls,
+    /// `transitional` and `off` sign but still honour unsigned ones).
+    pub fn new(
+        me: &str,
+        keyring: Option<&crate::keyring::Keyring>,
+        seal: crate::config::SealMode,
+    ) -> PeerPolicy {
+        use crate::config::SealMode;
+        let Some(keyring) = keyring else {
+            return PeerPolicy::Off;
+        };
+        let auth = std::sync::Arc::new(PeerAuth::new(me, PeerKeys::from_keyring(keyring)));
+        match seal {
+            SealMode::Required => PeerPolicy::Required(auth),
+            SealMode::Transitional | SealMode::Off => PeerPolicy::Transitional(auth),
+        }
+    }
+
     /// The signer of outgoing calls.
     pub fn signer(&self) -> Option<&std::sync::Arc<PeerAuth>> {
         match self {
@@ -766,6 +804,50 @@ mod tests {
         let s = a.sign("GET", "/v1/environments", b"", "node-b");
         assert_eq!(
             a.verify(&presented(&s), "GET", "/v1/environments", b""),
+            Err(AuthError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn the_policy_follows_the_keyring_and_the_seal_mode() {
+        use crate::config::SealMode;
+        let ring = crate::keyring::Keyring::from_keys(vec![[1; 32], [2; 32]]).unwrap();
+        let cases = [
+            (Some(&ring), SealMode::Required, "required"),
+            (Some(&ring), SealMode::Transitional, "transitional"),
+            (Some(&ring), SealMode::Off, "transitional"),
+            (None, SealMode::Off, "off"),
+            (None, SealMode::Required, "off"),
+        ];
+        for (ring, seal, want) in cases {
+            assert_eq!(PeerPolicy::new("n", ring, seal).mode(), want, "{seal:?}");
+        }
+        // Signed with the keyring's primary under its public id; a node
+        // holding the keys in the other order (mid-rotation) verifies it.
+        let p = PeerPolicy::new("a", Some(&ring), SealMode::Required);
+        let auth = p.signer().unwrap();
+        assert_eq!(
+            auth.key_ids(),
+            ring.ids().iter().map(|i| i.to_string()).collect::<Vec<_>>()
+        );
+        let s = auth.sign("GET", "/x", b"", "b");
+        assert!(s.sig.starts_with(&format!("v1:{}:", ring.primary_id())));
+        let swapped = crate::keyring::Keyring::from_keys(vec![[2; 32], [1; 32]]).unwrap();
+        let b = PeerPolicy::new("b", Some(&swapped), SealMode::Required);
+        assert_eq!(
+            b.signer()
+                .unwrap()
+                .verify(&presented(&s), "GET", "/x", b"")
+                .as_deref(),
+            Ok("a")
+        );
+        // The HTTP key is a subkey: the raw cluster key does not verify.
+        let raw = PeerKeys {
+            keys: vec![HttpKey::with_id(&ring.primary_id().to_string(), [1; 32])],
+        };
+        let raw = PeerAuth::new("b", raw);
+        assert_eq!(
+            raw.verify(&presented(&s), "GET", "/x", b""),
             Err(AuthError::BadSignature)
         );
     }

@@ -34,9 +34,10 @@ use tracing::{debug, info, warn};
 use crate::client::Client;
 use crate::cluster::keys::EnvSummary;
 use crate::cluster::{ClusterError, ClusterView, Gossip, GossipConfig, NodeFacts, NodeView, Role};
-use crate::config::Settings;
+use crate::config::{SealMode, Settings};
 use crate::envs::{EnvError, Envs};
-use crate::model::{EnvRecord, EnvRequest, EnvSpec, EnvStatus, NodeReason};
+use crate::keyring::Keyring;
+use crate::model::{EnvRecord, EnvRequest, EnvSpec, EnvStatus, GossipSecurity, NodeReason};
 use crate::peer_auth::PeerPolicy;
 use crate::placement::{self, Placement, PlacementRequest};
 use crate::store::Manifest;
@@ -80,7 +81,12 @@ pub struct Cluster {
     roles: BTreeSet<Role>,
     /// Short chain-id prefixes of the layers the engine holds.
     layers: Mutex<BTreeSet<String>>,
-    /// Signs this node's calls to others and says which calls it honours.
+    /// The cluster keyring (`None`: unsealed gossip, `--insecure-gossip`).
+    keyring: Option<Arc<Keyring>>,
+    seal: SealMode,
+    insecure: bool,
+    /// Signs this node's calls to others and says which calls it honours
+    /// (from the keyring's HTTP keys and the seal mode).
     peer_policy: PeerPolicy,
 }
 
@@ -105,7 +111,7 @@ impl Cluster {
         envs: Arc<Envs>,
         http_addr: String,
         storage_driver: String,
-        peer_policy: PeerPolicy,
+        keyring: Option<Arc<Keyring>>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let mut cfg = GossipConfig::new(&settings.cluster_id, &settings.name, settings.gossip);
         cfg.advertise_addr = settings.advertise;
@@ -126,13 +132,34 @@ impl Cluster {
             storage_driver,
             roles,
             layers: Mutex::default(),
-            peer_policy,
+            peer_policy: PeerPolicy::new(&settings.name, keyring.as_deref(), settings.gossip_seal),
+            keyring,
+            seal: settings.gossip_seal,
+            insecure: settings.insecure_gossip,
         };
         me.refresh_layers().await;
         let gossip = Gossip::start_udp(cfg, &me.facts()).await?;
         let view = gossip.changes();
         *me.gossip.lock().await = Some(gossip);
         Ok(Arc::new(Cluster { view, ..me }))
+    }
+
+    /// The cluster keyring, primary first (`None` with unsealed gossip).
+    pub fn keyring(&self) -> Option<&Arc<Keyring>> {
+        self.keyring.as_ref()
+    }
+
+    /// How this node's gossip is protected, for `GET /v1/node`.
+    pub fn gossip_security(&self) -> GossipSecurity {
+        GossipSecurity {
+            mode: self.seal.as_str().to_string(),
+            insecure: self.insecure,
+            key_ids: self
+                .keyring
+                .as_ref()
+                .map(|k| k.ids().iter().map(|i| i.to_string()).collect())
+                .unwrap_or_default(),
+        }
     }
 
     /// This node's facts as they stand now.

@@ -31,6 +31,9 @@ const CONFIG_KEYS: &[&str] = &[
     "advertise_host",
     "ready_timeout",
     "cluster_id",
+    "cluster_key",
+    "gossip_seal",
+    "insecure_gossip",
     "gossip",
     "advertise",
     "seeds",
@@ -173,6 +176,17 @@ fn cloud_config_shoal_toml_uses_only_known_keys() {
     assert_eq!(s("gossip"), "0.0.0.0:7946");
     assert_eq!(s("store"), "/mnt/shoal-store");
     assert_eq!(s("data_dir"), "/var/lib/shoal");
+    assert_eq!(s("cluster_key"), "/etc/shoal/cluster.key");
+    assert_eq!(
+        cc["write_files"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"].as_str() == Some("/etc/shoal/cluster.key"))
+            .and_then(|f| f["permissions"].as_str()),
+        Some("0600"),
+        "the key file is written readable by root alone"
+    );
     assert_eq!(s("name"), cc["hostname"].as_str().unwrap());
     assert_eq!(table["max_envs"].as_integer(), Some(8));
     assert_eq!(table["labels"]["memory"].as_str(), Some("256GB"));

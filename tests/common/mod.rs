@@ -37,6 +37,21 @@ pub struct Node {
     pub client: Client,
 }
 
+/// The cluster key file of the nodes sharing `store` (created on first use,
+/// mode 0600, next to the store), as a `--cluster-key` argument.
+pub fn cluster_key_for(store: &Path) -> Result<String> {
+    let name = store
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "store".into());
+    let path = store.with_file_name(format!("{name}.cluster.key"));
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    shoal::keyring::Keyring::load_or_create(&path)?;
+    Ok(path.display().to_string())
+}
+
 impl Node {
     /// Starts a node named `name` with its own data dir, the given store and
     /// extra flags, and waits until it answers.
@@ -65,6 +80,11 @@ impl Node {
         if !extra.contains(&"--cluster-id") {
             // A cluster of its own, so parallel tests never meet.
             args.extend(["--cluster-id".into(), format!("c-{name}")]);
+        }
+        let keyed = ["--cluster-key", "--insecure-gossip", "--gossip-seal"];
+        if !extra.iter().any(|a| keyed.contains(a)) {
+            // Nodes sharing a store are one cluster: they share its key.
+            args.extend(["--cluster-key".into(), cluster_key_for(store)?]);
         }
         if !extra.contains(&"--ready-timeout") {
             args.extend(["--ready-timeout".into(), "60s".into()]);
