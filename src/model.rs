@@ -366,6 +366,9 @@ pub struct GossipSecurity {
     pub insecure: bool,
     /// Public ids of the cluster keys, the primary (which seals) first.
     pub key_ids: Vec<String>,
+    /// Gossip datagrams since start: sent, opened, dropped and why.
+    #[serde(default)]
+    pub datagrams: crate::cluster::seal::SealCounters,
 }
 
 /// The body of every error answer.

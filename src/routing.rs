@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::client::Client;
 use crate::cluster::keys::EnvSummary;
+use crate::cluster::seal::SealStats;
 use crate::cluster::{ClusterError, ClusterView, Gossip, GossipConfig, NodeFacts, NodeView, Role};
 use crate::config::{SealMode, Settings};
 use crate::envs::{EnvError, Envs};
@@ -88,6 +89,7 @@ pub struct Cluster {
     /// Signs this node's calls to others and says which calls it honours
     /// (from the keyring's HTTP keys and the seal mode).
     peer_policy: PeerPolicy,
+    seal_stats: Arc<SealStats>,
 }
 
 /// Why a request could not be routed or served.
@@ -136,9 +138,18 @@ impl Cluster {
             keyring,
             seal: settings.gossip_seal,
             insecure: settings.insecure_gossip,
+            seal_stats: Arc::default(),
         };
         me.refresh_layers().await;
-        let gossip = Gossip::start_udp(cfg, &me.facts()).await?;
+        let keys = me.keyring.as_ref().map(|k| k.gossip_keys());
+        let gossip = Gossip::start_udp(
+            cfg,
+            &me.facts(),
+            me.seal,
+            keys.as_deref(),
+            me.seal_stats.clone(),
+        )
+        .await?;
         let view = gossip.changes();
         *me.gossip.lock().await = Some(gossip);
         Ok(Arc::new(Cluster { view, ..me }))
@@ -159,6 +170,7 @@ impl Cluster {
                 .as_ref()
                 .map(|k| k.ids().iter().map(|i| i.to_string()).collect())
                 .unwrap_or_default(),
+            datagrams: self.seal_stats.snapshot(),
         }
     }
 

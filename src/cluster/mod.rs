@@ -13,6 +13,8 @@
 //! be shown `lost` rather than vanish. Nothing here ever moves work.
 
 pub mod keys;
+pub mod seal;
+pub mod wire;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -23,7 +25,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chitchat::transport::Transport;
 use chitchat::{
     spawn_chitchat, Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig,
-    ProtocolVersion,
 };
 use serde::Serialize;
 use tokio::sync::watch;
@@ -143,8 +144,6 @@ impl GossipConfig {
             marked_for_deletion_grace_period: self.marked_for_deletion_grace_period,
             catchup_callback: None,
             extra_liveness_predicate: None,
-            // V0 until every node runs a chitchat that decodes V1.
-            protocol_version: ProtocolVersion::V0,
         }
     }
 }
@@ -301,10 +300,19 @@ impl Gossip {
         })
     }
 
-    /// Starts gossip over real UDP on `cfg.listen_addr` (what the daemon
-    /// uses; tests of the protocol use [`Gossip::start`] with a channel).
-    pub async fn start_udp(cfg: GossipConfig, initial: &NodeFacts) -> Result<Gossip, ClusterError> {
-        Gossip::start(cfg, initial, &chitchat::transport::UdpTransport).await
+    /// Starts gossip over real UDP on `cfg.listen_addr`, sealed per `mode`
+    /// with the primary of `keys` (what the daemon uses; tests of the
+    /// protocol use [`Gossip::start`] with a channel or a [`seal::MemWire`]).
+    pub async fn start_udp(
+        cfg: GossipConfig,
+        initial: &NodeFacts,
+        mode: seal::SealMode,
+        keys: Option<&[crate::keyring::Subkey]>,
+        stats: Arc<seal::SealStats>,
+    ) -> Result<Gossip, ClusterError> {
+        let sealer = keys.map(|k| seal::Sealer::new(k, &cfg.cluster_id));
+        let transport = seal::SealTransport::new(Arc::new(seal::UdpWire), mode, sealer, stats);
+        Gossip::start(cfg, initial, &transport).await
     }
 
     /// This node's name.
