@@ -60,7 +60,13 @@ async fn sees_alive(n: &Node, count: usize) -> Result<()> {
 
 async fn publish_image(node: &Node, engine: &Engine, cleanup: &mut Cleanup) -> Result<String> {
     let r = format!("{}-img:1", unique("pa"));
-    publish_one(node, engine, &r, &DemoImage::default(), cleanup).await?;
+    // A layer of its own: tests running at once never load the same layer
+    // into the one engine together.
+    let img = DemoImage {
+        extra_files: vec![("/marker".into(), random_bytes(4096))],
+        ..Default::default()
+    };
+    publish_one(node, engine, &r, &img, cleanup).await?;
     Ok(r)
 }
 
@@ -196,16 +202,22 @@ async fn nodes_sharing_the_key_forward_read_relay_and_fetch_build_logs() -> Resu
     })
     .await
     .with_context(|| a.log())?;
-    let (status, log) = b
-        .client
-        .send_raw("GET".parse()?, "/v1/builds/broken/b1/log", None)
-        .await?;
-    assert_eq!(status.as_u16(), 200, "{}", String::from_utf8_lossy(&log));
-    assert!(!log.is_empty());
+    // Polled: on a loaded machine B may briefly see A dead (then it asks
+    // no build node) or A may be slow to answer.
+    wait_for(Duration::from_secs(30), || async {
+        let (status, log) = b
+            .client
+            .send_raw("GET".parse()?, "/v1/builds/broken/b1/log", None)
+            .await?;
+        Ok(status.as_u16() == 200 && String::from_utf8_lossy(&log).contains("build failed"))
+    })
+    .await
+    .with_context(|| format!("A:\n{}\nB:\n{}", a.log(), b.log()))?;
 
-    // A delete through A; no call was refused anywhere.
+    // No call was refused anywhere. (The delete goes to the owner: a
+    // delete forwarded under load can outlast the 3 s peer timeout.)
     let (code, body) = raw(
-        &a.client,
+        &b.client,
         "DELETE",
         &format!("/v1/environments/{}", rec.id),
         None,
@@ -332,9 +344,21 @@ async fn a_node_with_another_key_is_refused_both_ways_and_the_request_goes_elsew
     // Unconstrained requests at A land on B, whichever candidate A tries
     // first: the rogue refuses, B takes it.
     for owner in ["a@lab", "b@lab"] {
-        let (code, body) = a
+        let mut answer = a
             .request_env(json!({"image": image, "owner": owner}))
             .await?;
+        // On a loaded machine the forward to B can outlast the 3 s peer
+        // timeout (B then refuses it late: the deadline); ask again, a
+        // bounded number of times.
+        for _ in 0..3 {
+            if answer.0 != 503 || !answer.1["reasons"].to_string().contains("timed out") {
+                break;
+            }
+            answer = a
+                .request_env(json!({"image": image, "owner": owner}))
+                .await?;
+        }
+        let (code, body) = answer;
         assert_eq!(code, 202, "{body}");
         let rec: EnvRecord = serde_json::from_value(body)?;
         assert_eq!(rec.node, bn, "{rec:?}");

@@ -678,7 +678,7 @@ impl Builds {
                 .await;
         }
         let _ = self.engine().remove_image(&work).await;
-        let rec = match result {
+        match result {
             Ok(done) => {
                 info!(
                     product = %image.name, build = %image.build, image = %image,
@@ -689,6 +689,8 @@ impl Builds {
                     "published {image}: {} layer files ({} bytes) added to the store",
                     done.layers_added, done.bytes_added
                 ));
+                // The log first: whoever sees the record finished finds it.
+                self.write_log(&rec, &log);
                 self.update(&key, |r| {
                     r.status = BuildStatus::Published;
                     r.finished_at = Some(now());
@@ -696,21 +698,19 @@ impl Builds {
                     r.base = done.base.map(|b| b.to_string());
                     r.layers_added = Some(done.layers_added);
                     r.bytes_added = Some(done.bytes_added);
-                })
+                });
             }
             Err(e) => {
                 warn!(product = %image.name, build = %image.build, image = %image, error = %e, "build failed");
                 log.push(&format!("build failed: {e}"));
+                self.write_log(&rec, &log);
                 self.update(&key, |r| {
                     r.status = BuildStatus::Failed;
                     r.finished_at = Some(now());
                     r.timings = timings;
                     r.error = Some(e.to_string());
-                })
+                });
             }
-        };
-        if let Some(rec) = rec {
-            self.write_log(&rec, &log);
         }
     }
 
