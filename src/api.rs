@@ -208,13 +208,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Local {
     }
 }
 
+/// Where the gate reads the node's policy, as it stands at each call (the
+/// keys change on `SIGHUP`).
+pub type PolicySource = Arc<dyn Fn() -> PeerPolicy + Send + Sync>;
+
 /// The gate in front of every route (see the module doc).
 pub async fn peer_gate(
-    State(policy): State<PeerPolicy>,
+    State(policy): State<PolicySource>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match admit_call(&policy, req).await {
+    match admit_call(&policy(), req).await {
         Ok(req) => next.run(req).await,
         Err(e) => e.into_response(),
     }
@@ -324,7 +328,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
-            state.cluster.peer_policy().clone(),
+            {
+                let cluster = state.cluster.clone();
+                Arc::new(move || cluster.peer_policy()) as PolicySource
+            },
             peer_gate,
         ))
         .with_state(state)
@@ -724,7 +731,10 @@ mod tests {
         }
         Router::new()
             .route("/v1/environments", axum::routing::post(echo).get(echo))
-            .layer(axum::middleware::from_fn_with_state(policy, peer_gate))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(move || policy.clone()) as PolicySource,
+                peer_gate,
+            ))
     }
 
     fn auth(name: &str, key: u8) -> Arc<PeerAuth> {

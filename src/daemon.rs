@@ -45,6 +45,41 @@ pub enum DaemonError {
 pub struct RunOptions {
     /// Publish the embedded demo image as `demo:1` at start if missing.
     pub demo: bool,
+    /// On `SIGHUP`: the settings as they read now (config file + flags);
+    /// the node takes its cluster key and `gossip_seal` from them.
+    pub reload: Option<Reloader>,
+}
+
+/// Reads the settings again (see [`RunOptions::reload`]).
+#[derive(Clone)]
+pub struct Reloader(pub Arc<dyn Fn() -> Result<Settings, String> + Send + Sync>);
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reloader")
+    }
+}
+
+/// Applies a reload: the key file is read again (a rotation step) and the
+/// seal mode taken from the new settings; nothing else changes live.
+fn reload_keys(cluster: &Cluster, reload: &Reloader) {
+    let settings = match (reload.0)() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "reload refused: the config does not check; keys and seal mode unchanged");
+            return;
+        }
+    };
+    match load_keyring(&settings) {
+        Ok(keyring) => {
+            cluster.reload_keys(settings.gossip_seal, keyring);
+            let g = cluster.gossip_security();
+            info!(node = %settings.name, seal = %g.mode, key_ids = ?g.key_ids, "reloaded the cluster key and seal mode (other settings apply on restart)");
+        }
+        Err(e) => {
+            warn!(error = %e, "reload refused: keys and seal mode unchanged")
+        }
+    }
 }
 
 /// How long a stopping node waits for environments still loading or
@@ -108,6 +143,22 @@ pub async fn run(
     .await?;
     let workers = crate::workers::Workers::new();
     workers.adopt("gossip-publisher", cluster.spawn_publisher());
+    if let Some(reload) = opts.reload.clone() {
+        let cluster = cluster.clone();
+        workers.adopt(
+            "key-reload",
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    warn!("cannot watch SIGHUP: key reload needs a restart");
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    reload_keys(&cluster, &reload);
+                }
+            }),
+        );
+    }
     // Build watcher (role build) and image GC (every node).
     let builds = crate::builds::Builds::open(envs.clone())?;
     for (name, task) in builds.spawn(cluster.clone()) {

@@ -357,7 +357,24 @@ async fn daemon(args: DaemonArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("binding {}", settings.listen))?;
-    let opts = shoal::daemon::RunOptions { demo: args.demo };
+    // SIGHUP re-reads the config file with the same flags on top; the
+    // daemon takes the cluster key and gossip_seal from it (docs/security.md).
+    let reload = {
+        let (path, flags, hostname) = (args.config.clone(), args.to_config()?, hostname.clone());
+        shoal::daemon::Reloader(std::sync::Arc::new(move || {
+            let file = match &path {
+                Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
+                None => Config::default(),
+            };
+            file.overlay(flags.clone())
+                .resolve(shoal::host::total_memory(), &hostname)
+                .map_err(|e| e.to_string())
+        }))
+    };
+    let opts = shoal::daemon::RunOptions {
+        demo: args.demo,
+        reload: Some(reload),
+    };
     shoal::daemon::run(settings, listener, opts, shoal::daemon::shutdown_signal()).await?;
     Ok(())
 }

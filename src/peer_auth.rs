@@ -25,7 +25,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -372,15 +372,22 @@ pub struct PeerAuth {
     me: String,
     keys: PeerKeys,
     /// A std mutex: held only for one cache update, never across an await.
-    nonces: Mutex<NonceCache>,
+    /// Shared with the node's next `PeerAuth` when keys are reloaded.
+    nonces: Arc<Mutex<NonceCache>>,
 }
 
 impl PeerAuth {
     pub fn new(me: &str, keys: PeerKeys) -> PeerAuth {
+        let cache = Arc::new(Mutex::new(NonceCache::new(NONCE_CACHE_CAP)));
+        PeerAuth::with_cache(me, keys, cache)
+    }
+
+    /// With a replay cache shared with the auth it replaces (key reload).
+    pub fn with_cache(me: &str, keys: PeerKeys, nonces: Arc<Mutex<NonceCache>>) -> PeerAuth {
         PeerAuth {
             me: me.to_string(),
             keys,
-            nonces: Mutex::new(NonceCache::new(NONCE_CACHE_CAP)),
+            nonces,
         }
     }
 
@@ -454,11 +461,26 @@ impl PeerPolicy {
         keyring: Option<&crate::keyring::Keyring>,
         seal: crate::config::SealMode,
     ) -> PeerPolicy {
+        let cache = Arc::new(Mutex::new(NonceCache::new(NONCE_CACHE_CAP)));
+        PeerPolicy::with_cache(me, keyring, seal, cache)
+    }
+
+    /// [`PeerPolicy::new`] with the replay cache of the policy it replaces.
+    pub fn with_cache(
+        me: &str,
+        keyring: Option<&crate::keyring::Keyring>,
+        seal: crate::config::SealMode,
+        nonces: Arc<Mutex<NonceCache>>,
+    ) -> PeerPolicy {
         use crate::config::SealMode;
         let Some(keyring) = keyring else {
             return PeerPolicy::Off;
         };
-        let auth = std::sync::Arc::new(PeerAuth::new(me, PeerKeys::from_keyring(keyring)));
+        let auth = Arc::new(PeerAuth::with_cache(
+            me,
+            PeerKeys::from_keyring(keyring),
+            nonces,
+        ));
         match seal {
             SealMode::Required => PeerPolicy::Required(auth),
             SealMode::Transitional | SealMode::Off => PeerPolicy::Transitional(auth),
@@ -849,6 +871,32 @@ mod tests {
         assert_eq!(
             raw.verify(&presented(&s), "GET", "/x", b""),
             Err(AuthError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_the_replay_cache() {
+        use crate::config::SealMode;
+        let old = crate::keyring::Keyring::from_keys(vec![[1; 32]]).unwrap();
+        let both = crate::keyring::Keyring::from_keys(vec![[2; 32], [1; 32]]).unwrap();
+        let a = PeerPolicy::new("a", Some(&old), SealMode::Required);
+        let cache = Arc::new(Mutex::new(NonceCache::new(16)));
+        let before = PeerPolicy::with_cache("b", Some(&old), SealMode::Required, cache.clone());
+        let s = a.signer().unwrap().sign("POST", "/x", b"{}", "b");
+        let verify = |p: &PeerPolicy| {
+            p.signer()
+                .unwrap()
+                .verify(&presented(&s), "POST", "/x", b"{}")
+        };
+        assert_eq!(verify(&before).as_deref(), Ok("a"));
+        // SIGHUP: a new primary, the old key still verifies, same cache.
+        let after = PeerPolicy::with_cache("b", Some(&both), SealMode::Required, cache);
+        assert_eq!(verify(&after), Err(AuthError::Replay));
+        let fresh = PeerPolicy::new("b", Some(&both), SealMode::Required);
+        assert_eq!(
+            verify(&fresh).as_deref(),
+            Ok("a"),
+            "a fresh cache would let it in"
         );
     }
 

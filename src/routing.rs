@@ -33,13 +33,13 @@ use tracing::{debug, info, warn};
 
 use crate::client::Client;
 use crate::cluster::keys::EnvSummary;
-use crate::cluster::seal::SealStats;
+use crate::cluster::seal::{SealControl, SealStats, Sealer};
 use crate::cluster::{ClusterError, ClusterView, Gossip, GossipConfig, NodeFacts, NodeView, Role};
 use crate::config::{SealMode, Settings};
 use crate::envs::{EnvError, Envs};
 use crate::keyring::Keyring;
 use crate::model::{EnvRecord, EnvRequest, EnvSpec, EnvStatus, GossipSecurity, NodeReason};
-use crate::peer_auth::PeerPolicy;
+use crate::peer_auth::{NonceCache, PeerPolicy, NONCE_CACHE_CAP};
 use crate::placement::{self, Placement, PlacementRequest};
 use crate::store::Manifest;
 
@@ -82,13 +82,20 @@ pub struct Cluster {
     roles: BTreeSet<Role>,
     /// Short chain-id prefixes of the layers the engine holds.
     layers: Mutex<BTreeSet<String>>,
-    /// The cluster keyring (`None`: unsealed gossip, `--insecure-gossip`).
-    keyring: Option<Arc<Keyring>>,
-    seal: SealMode,
+    /// The cluster keyring (`None`: unsealed gossip, `--insecure-gossip`);
+    /// replaced by [`Cluster::reload_keys`]. A std lock, held only to clone.
+    keyring: std::sync::RwLock<Option<Arc<Keyring>>>,
+    seal: SealControl,
+    cluster_id: String,
     insecure: bool,
     /// Signs this node's calls to others and says which calls it honours
     /// (from the keyring's HTTP keys and the seal mode).
-    peer_policy: PeerPolicy,
+    /// Replaced on `SIGHUP` with the keyring; a std lock held only to
+    /// clone or swap it.
+    peer_policy: std::sync::RwLock<PeerPolicy>,
+    /// The replay cache, kept across reloads (a call accepted before a
+    /// reload is still a replay after it).
+    peer_nonces: Arc<Mutex<NonceCache>>,
     seal_stats: Arc<SealStats>,
 }
 
@@ -126,6 +133,7 @@ impl Cluster {
             .iter()
             .filter_map(|r| r.parse().ok())
             .collect();
+        let peer_nonces = Arc::new(Mutex::new(NonceCache::new(NONCE_CACHE_CAP)));
         let me = Cluster {
             gossip: tokio::sync::Mutex::new(None),
             view: watch::channel(ClusterView::default()).1,
@@ -134,39 +142,71 @@ impl Cluster {
             storage_driver,
             roles,
             layers: Mutex::default(),
-            peer_policy: PeerPolicy::new(&settings.name, keyring.as_deref(), settings.gossip_seal),
-            keyring,
-            seal: settings.gossip_seal,
+            peer_policy: std::sync::RwLock::new(PeerPolicy::with_cache(
+                &settings.name,
+                keyring.as_deref(),
+                settings.gossip_seal,
+                peer_nonces.clone(),
+            )),
+            peer_nonces,
+            seal: SealControl::new(
+                settings.gossip_seal,
+                keyring
+                    .as_ref()
+                    .map(|k| Sealer::new(&k.gossip_keys(), &settings.cluster_id)),
+            ),
+            keyring: std::sync::RwLock::new(keyring),
+            cluster_id: settings.cluster_id.clone(),
             insecure: settings.insecure_gossip,
             seal_stats: Arc::default(),
         };
         me.refresh_layers().await;
-        let keys = me.keyring.as_ref().map(|k| k.gossip_keys());
-        let gossip = Gossip::start_udp(
-            cfg,
-            &me.facts(),
-            me.seal,
-            keys.as_deref(),
-            me.seal_stats.clone(),
-        )
-        .await?;
+        let gossip =
+            Gossip::start_udp(cfg, &me.facts(), me.seal.clone(), me.seal_stats.clone()).await?;
         let view = gossip.changes();
         *me.gossip.lock().await = Some(gossip);
         Ok(Arc::new(Cluster { view, ..me }))
     }
 
     /// The cluster keyring, primary first (`None` with unsealed gossip).
-    pub fn keyring(&self) -> Option<&Arc<Keyring>> {
-        self.keyring.as_ref()
+    pub fn keyring(&self) -> Option<Arc<Keyring>> {
+        self.keyring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the keyring and the seal mode while gossip runs (`SIGHUP`):
+    /// the next datagram is sealed with the new primary, and every key of
+    /// the new keyring opens. Peers never stop hearing this node.
+    pub fn reload_keys(&self, mode: SealMode, keyring: Option<Arc<Keyring>>) {
+        self.seal.set(
+            mode,
+            keyring
+                .as_ref()
+                .map(|k| Sealer::new(&k.gossip_keys(), &self.cluster_id)),
+        );
+        let policy = PeerPolicy::with_cache(
+            self.envs.settings().name.as_str(),
+            keyring.as_deref(),
+            mode,
+            self.peer_nonces.clone(),
+        );
+        tracing::info!(
+            peer_calls = policy.mode(),
+            "node-to-node call keys reloaded"
+        );
+        *self.peer_policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = keyring;
     }
 
     /// How this node's gossip is protected, for `GET /v1/node`.
     pub fn gossip_security(&self) -> GossipSecurity {
         GossipSecurity {
-            mode: self.seal.as_str().to_string(),
+            mode: self.seal.mode().as_str().to_string(),
             insecure: self.insecure,
             key_ids: self
-                .keyring
+                .keyring()
                 .as_ref()
                 .map(|k| k.ids().iter().map(|i| i.to_string()).collect())
                 .unwrap_or_default(),
@@ -281,8 +321,11 @@ impl Cluster {
     }
 
     /// How this node signs and checks node-to-node calls.
-    pub fn peer_policy(&self) -> &PeerPolicy {
-        &self.peer_policy
+    pub fn peer_policy(&self) -> PeerPolicy {
+        self.peer_policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// A client for node-to-node calls to `node`: at its checked `http`
@@ -293,7 +336,7 @@ impl Cluster {
         let c = Client::new(&format!("http://{addr}"), timeout)
             .ok()?
             .with_header(LOCAL_HEADER, "1");
-        Some(match self.peer_policy.signer() {
+        Some(match self.peer_policy().signer() {
             Some(auth) => c.signed(auth.clone(), &node.name),
             None => c,
         })
@@ -303,7 +346,7 @@ impl Cluster {
     /// [`Client`] (the event relay): [`LOCAL_HEADER`] and the signature.
     pub fn peer_headers(&self, method: &str, path: &str, to: &str) -> Vec<(&'static str, String)> {
         let mut out = vec![(LOCAL_HEADER, "1".to_string())];
-        if let Some(auth) = self.peer_policy.signer() {
+        if let Some(auth) = self.peer_policy().signer() {
             let s = auth.sign(method, path, b"", to);
             out.extend(s.headers().map(|(k, v)| (k, v.to_string())));
         }

@@ -300,18 +300,16 @@ impl Gossip {
         })
     }
 
-    /// Starts gossip over real UDP on `cfg.listen_addr`, sealed per `mode`
-    /// with the primary of `keys` (what the daemon uses; tests of the
+    /// Starts gossip over real UDP on `cfg.listen_addr`, sealed as `control`
+    /// says (what the daemon uses; tests of the
     /// protocol use [`Gossip::start`] with a channel or a [`seal::MemWire`]).
     pub async fn start_udp(
         cfg: GossipConfig,
         initial: &NodeFacts,
-        mode: seal::SealMode,
-        keys: Option<&[crate::keyring::Subkey]>,
+        control: seal::SealControl,
         stats: Arc<seal::SealStats>,
     ) -> Result<Gossip, ClusterError> {
-        let sealer = keys.map(|k| seal::Sealer::new(k, &cfg.cluster_id));
-        let transport = seal::SealTransport::new(Arc::new(seal::UdpWire), mode, sealer, stats);
+        let transport = seal::SealTransport::with_control(Arc::new(seal::UdpWire), control, stats);
         Gossip::start(cfg, initial, &transport).await
     }
 

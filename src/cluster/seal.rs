@@ -458,11 +458,49 @@ pub fn decode_plain(bytes: &[u8]) -> Result<ChitchatMessage, Drop> {
     Ok(msg)
 }
 
-/// The chitchat [`Transport`] that seals: bytes on `wire`, sealed per `mode`.
+/// What a running transport seals with, replaceable while it runs (a key
+/// rotation or a change of mode needs no restart: `SIGHUP`). A std lock:
+/// held only to copy the setting, never across an await.
+#[derive(Clone)]
+pub struct SealControl {
+    inner: Arc<std::sync::RwLock<(SealMode, Option<Arc<Sealer>>)>>,
+}
+
+impl SealControl {
+    /// `sealer` is required unless `mode` is off (without one, it is off).
+    pub fn new(mode: SealMode, sealer: Option<Sealer>) -> SealControl {
+        let c = SealControl {
+            inner: Arc::new(std::sync::RwLock::new((SealMode::Off, None))),
+        };
+        c.set(mode, sealer);
+        c
+    }
+
+    /// Replaces the mode and keys; the next datagram uses them.
+    pub fn set(&self, mode: SealMode, sealer: Option<Sealer>) {
+        let mode = if sealer.is_none() {
+            SealMode::Off
+        } else {
+            mode
+        };
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        *g = (mode, sealer.map(Arc::new));
+    }
+
+    pub fn mode(&self) -> SealMode {
+        self.current().0
+    }
+
+    fn current(&self) -> (SealMode, Option<Arc<Sealer>>) {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The chitchat [`Transport`] that seals: bytes on `wire`, sealed per its
+/// [`SealControl`].
 pub struct SealTransport {
     wire: Arc<dyn Wire>,
-    mode: SealMode,
-    sealer: Option<Arc<Sealer>>,
+    control: SealControl,
     stats: Arc<SealStats>,
 }
 
@@ -474,15 +512,18 @@ impl SealTransport {
         sealer: Option<Sealer>,
         stats: Arc<SealStats>,
     ) -> SealTransport {
-        let mode = if sealer.is_none() {
-            SealMode::Off
-        } else {
-            mode
-        };
+        SealTransport::with_control(wire, SealControl::new(mode, sealer), stats)
+    }
+
+    /// A transport whose mode and keys `control` changes while it runs.
+    pub fn with_control(
+        wire: Arc<dyn Wire>,
+        control: SealControl,
+        stats: Arc<SealStats>,
+    ) -> SealTransport {
         SealTransport {
             wire,
-            mode,
-            sealer: sealer.map(Arc::new),
+            control,
             stats,
         }
     }
@@ -497,8 +538,7 @@ impl Transport for SealTransport {
             })?;
         Ok(Box::new(SealSocket {
             wire,
-            mode: self.mode,
-            sealer: self.sealer.clone(),
+            control: self.control.clone(),
             stats: self.stats.clone(),
             replay: ReplayGuard::new(NONCE_CACHE),
             reassembly: Reassembly::default(),
@@ -515,8 +555,7 @@ const MAX_HEARD: usize = 4096;
 
 struct SealSocket {
     wire: Box<dyn WireSocket>,
-    mode: SealMode,
-    sealer: Option<Arc<Sealer>>,
+    control: SealControl,
     stats: Arc<SealStats>,
     replay: ReplayGuard,
     reassembly: Reassembly,
@@ -539,12 +578,13 @@ impl SealSocket {
 
     /// One datagram taken apart: the message it completes, if any.
     fn receive(&mut self, from: SocketAddr, len: usize) -> Option<ChitchatMessage> {
+        let (mode, sealer) = self.control.current();
         let dgram = &self.buf[..len];
         self.stats
             .bytes_received
             .fetch_add(len as u64, Ordering::Relaxed);
         let result = if is_sealed(dgram) {
-            match &self.sealer {
+            match &sealer {
                 None => Err(Drop::BadAuth),
                 Some(s) => s
                     .open(dgram, unix_ms(), &mut self.replay)
@@ -553,8 +593,7 @@ impl SealSocket {
                     .and_then(|whole| match whole {
                         None => Ok(None),
                         Some(bytes) => {
-                            if self.mode == SealMode::Transitional
-                                && !self.heard_sealed.contains(&from)
+                            if mode == SealMode::Transitional && !self.heard_sealed.contains(&from)
                             {
                                 if self.heard_sealed.len() >= MAX_HEARD {
                                     self.heard_sealed.clear();
@@ -568,7 +607,7 @@ impl SealSocket {
                         }
                     }),
             }
-        } else if self.mode == SealMode::Required {
+        } else if mode == SealMode::Required {
             Err(Drop::Unsealed)
         } else {
             decode_plain(dgram)
@@ -592,13 +631,13 @@ impl Socket for SealSocket {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         msg.serialize(&mut out);
-        let plain_copy = match self.mode {
+        let (mode, sealer) = self.control.current();
+        let plain_copy = match mode {
             SealMode::Off => true,
             SealMode::Transitional => !self.heard_sealed.contains(&to),
             SealMode::Required => false,
         };
-        if self.mode != SealMode::Off {
-            let sealer = self.sealer.clone().expect("a sealer unless off");
+        if let Some(sealer) = sealer.filter(|_| mode != SealMode::Off) {
             match sealer.seal(&out, unix_ms()) {
                 Some(dgrams) => {
                     for d in dgrams {

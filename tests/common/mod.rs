@@ -85,7 +85,13 @@ impl Node {
             // A cluster of its own, so parallel tests never meet.
             args.extend(["--cluster-id".into(), format!("c-{name}")]);
         }
-        let keyed = ["--cluster-key", "--insecure-gossip", "--gossip-seal"];
+        // A node given a config file takes its gossip security from it.
+        let keyed = [
+            "--cluster-key",
+            "--insecure-gossip",
+            "--gossip-seal",
+            "--config",
+        ];
         if !extra.iter().any(|a| keyed.contains(a)) {
             // Nodes sharing a store are one cluster: they share its key.
             args.extend(["--cluster-key".into(), cluster_key_for(store)?]);
