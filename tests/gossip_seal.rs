@@ -251,26 +251,28 @@ async fn replayed_datagrams_are_dropped_and_change_nothing() {
     assert_eq!(after.opened, before.opened, "no replay opened");
 }
 
-/// A chitchat `Ack` carrying one key, built byte by byte (chitchat 0.11.1's
-/// wire format: magic, version, type, then the delta as a block stream).
-fn forged_ack(key: &str) -> Vec<u8> {
+/// A chitchat `Ack` carrying one key for the member `node` (its name,
+/// generation and gossip port: chitchat applies deltas to known members
+/// only), built byte by byte (chitchat 0.11.1's wire format: magic,
+/// version, type, then the delta as a block stream).
+fn forged_ack(key: &str, node: (&str, u64, u16)) -> Vec<u8> {
     fn str16(b: &mut Vec<u8>, s: &str) {
         b.extend((s.len() as u16).to_le_bytes());
         b.extend(s.as_bytes());
     }
     let mut ops = Vec::new();
     ops.push(0u8); // node op
-    str16(&mut ops, "node-0");
-    ops.extend(1u64.to_le_bytes()); // generation
+    str16(&mut ops, node.0);
+    ops.extend(node.1.to_le_bytes()); // generation
     ops.push(4); // IPv4
     ops.extend([127, 0, 0, 1]);
-    ops.extend(11_000u16.to_le_bytes());
+    ops.extend(node.2.to_le_bytes());
     ops.extend(0u64.to_le_bytes()); // last gc version
     ops.extend(0u64.to_le_bytes()); // from version
     ops.push(1u8); // key-value op
     str16(&mut ops, key);
     str16(&mut ops, "x");
-    ops.extend(5u64.to_le_bytes()); // version
+    ops.extend(1_000_000u64.to_le_bytes()); // a version newer than any
     ops.push(0); // set
     let mut b = Vec::new();
     b.extend(45_139u16.to_le_bytes());
@@ -287,18 +289,22 @@ fn forged_ack(key: &str) -> Vec<u8> {
 async fn a_forged_non_ascii_key_crashes_nothing() {
     // The forgery is a well-formed chitchat message: with an ASCII key it
     // decodes; with a non-ASCII first byte it is refused before chitchat.
-    assert!(decode_plain(&forged_ack("ok")).is_ok());
-    assert!(decode_plain(&forged_ack("égal")).is_err());
-    assert!(decode_plain(&forged_ack("\u{301}x")).is_err());
+    let any = ("node-0", 1, 11_000);
+    assert!(decode_plain(&forged_ack("ok", any)).is_ok());
+    assert!(decode_plain(&forged_ack("égal", any)).is_err());
+    assert!(decode_plain(&forged_ack("\u{301}x", any)).is_err());
 
     let wire = MemWire::new();
     let t = start(&wire, 0, None, SealMode::Transitional, &[1]).await;
     let r = start(&wire, 1, Some(0), SealMode::Required, &[1]).await;
     let o = start(&wire, 2, Some(0), SealMode::Transitional, &[1]).await;
     until(&t.gossip, "all alive", |v| all_alive(v, 3)).await;
+    // Aimed at node-2's state as both targets know it (name, generation,
+    // address: what anyone on the wire learns from an unsealed SynAck).
+    let victim = ("node-2", o.gossip.generation(), addr(2).port());
     for target in [addr(0), addr(1)] {
         for key in ["égal", "\u{301}x", "ключ"] {
-            wire.inject(addr(99), target, forged_ack(key));
+            wire.inject(addr(99), target, forged_ack(key, victim));
         }
     }
     // Gossip keeps working on both: a fact published afterwards arrives.

@@ -96,7 +96,7 @@ async fn unsealed_to_sealed_and_key_rotation_live_on_three_nodes() -> Result<()>
     // An unsealed cluster, as it runs before sealing.
     let unsealed = "insecure_gossip = true\ngossip_seal = \"off\"\n";
     let mut nodes: Vec<Node> = Vec::new();
-    for i in 0..3 {
+    for (i, name) in names.iter().enumerate() {
         std::fs::write(conf(i), unsealed)?;
         let conf_s = conf(i).display().to_string();
         let mut args = vec!["--cluster-id", &cluster_id, "--config", &conf_s];
@@ -105,7 +105,7 @@ async fn unsealed_to_sealed_and_key_rotation_live_on_three_nodes() -> Result<()>
             seed = first.gossip.clone();
             args.extend(["--seed", &seed]);
         }
-        nodes.push(Node::start(&names[i], &tmp.path().join(&names[i]), &store, &args).await?);
+        nodes.push(Node::start(name, &tmp.path().join(name), &store, &args).await?);
     }
     let want: BTreeSet<String> = names.iter().cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(60);

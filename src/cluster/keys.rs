@@ -2,7 +2,7 @@
 //! reads or writes chitchat's raw strings: the rest of the crate sees
 //! [`NodeFacts`]. The format is documented key by key in `docs/gossip.md`.
 //!
-//! Two chitchat 0.13 limits shape this module:
+//! Two chitchat limits (0.11.1, as 0.13) shape this module:
 //! - a value near 64 KiB cannot be sent, and once such a value is in a
 //!   node's state every later update of that node is stuck behind it: every
 //!   value here is capped at [`MAX_VALUE_LEN`] bytes, and whatever would not
