@@ -576,3 +576,137 @@ async fn a_gossiped_http_address_off_the_gossip_ip_is_never_called() -> Result<(
     assert_eq!(env_count(&b).await?, 0);
     Ok(())
 }
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+/// Rewrites `node`'s key file, sends it SIGHUP and waits until it shows
+/// the new key ids.
+async fn rekey(node: &Node, file: &Path, lines: &[&str]) -> Result<()> {
+    write_private(file, &lines.concat())?;
+    let want: Vec<String> = Keyring::parse(&lines.concat())?
+        .ids()
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    let pid = node.child.as_ref().context("running")?.id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    wait_for(Duration::from_secs(20), || async {
+        let v: Value = node.client.get("/v1/node").await?;
+        Ok(v["gossip"]["key_ids"] == json!(want))
+    })
+    .await
+    .with_context(|| node.log())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_keep_passing_both_ways_through_a_live_key_rotation() -> Result<()> {
+    let engine = Engine::connect().await?;
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("store");
+    let (k1, k2) = (Keyring::generate_line(), Keyring::generate_line());
+    let (ka, kb) = (tmp.path().join("a.key"), tmp.path().join("b.key"));
+    write_private(&ka, &k1)?;
+    write_private(&kb, &k1)?;
+    let cid = unique("c");
+    let (an, bn) = (unique("pa"), unique("pb"));
+    let mut cleanup = Cleanup::new();
+    cleanup.nodes = vec![an.clone(), bn.clone()];
+    let (kas, kbs) = (ka.display().to_string(), kb.display().to_string());
+    let a = Node::start(
+        &an,
+        &tmp.path().join("a"),
+        &store,
+        &[
+            "--cluster-id",
+            &cid,
+            "--cluster-key",
+            &kas,
+            "--role",
+            "slave",
+            "--memory",
+            "1GiB",
+            "--label",
+            "pool=a",
+        ],
+    )
+    .await?;
+    let b = Node::start(
+        &bn,
+        &tmp.path().join("b"),
+        &store,
+        &[
+            "--cluster-id",
+            &cid,
+            "--cluster-key",
+            &kbs,
+            "--seed",
+            &a.gossip,
+            "--role",
+            "slave",
+            "--memory",
+            "1GiB",
+            "--label",
+            "pool=b",
+        ],
+    )
+    .await?;
+    sees_alive(&a, 2).await?;
+    sees_alive(&b, 2).await?;
+    let image = publish_image(&a, &engine, &mut cleanup).await?;
+    // One environment on each node, each requested at the other.
+    let mut ids = Vec::new();
+    for (at, pool) in [(&a, "b"), (&b, "a")] {
+        let (code, body) = at
+            .request_env(json!({"image": image, "owner": "li@lab", "constraints": {"pool": pool}}))
+            .await?;
+        assert_eq!(code, 202, "{body}");
+        let rec: EnvRecord = serde_json::from_value(body)?;
+        at.wait_settled(&rec.id).await?;
+        ids.push(rec.id);
+    }
+    // A reads B's environment through B, and B reads A's through A.
+    let both_ways = || async {
+        for (n, id) in [(&a, &ids[0]), (&b, &ids[1])] {
+            let (code, body) =
+                raw(&n.client, "GET", &format!("/v1/environments/{id}"), None).await?;
+            assert_eq!(code, 200, "at {}: {body}", n.name);
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    both_ways().await?;
+    // Add the new key second, make it first, remove the old: one node at
+    // a time, the calls checked after every step.
+    for lines in [[&k1, &k2].as_slice(), &[&k2, &k1], &[&k2]] {
+        let lines: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
+        rekey(&a, &ka, &lines).await?;
+        both_ways().await?;
+        rekey(&b, &kb, &lines).await?;
+        both_ways().await?;
+    }
+    for n in [&a, &b] {
+        assert!(
+            !n.log().contains("refused a node-to-node call"),
+            "{}",
+            n.log()
+        );
+    }
+    // The old key is worth nothing now.
+    let old = Keyring::parse(&k1)?;
+    let path = format!("/v1/environments/{}", ids[0]);
+    let h = signed_headers(&old, "GET", &path, b"", &bn, peer_auth::unix_ms());
+    let (code, answer) = send_with(&b, "GET", &path, b"", &h).await?;
+    assert_eq!(
+        (code, answer["field"].as_str()),
+        (401, Some("x-shoal-sig")),
+        "{answer}"
+    );
+    Ok(())
+}
