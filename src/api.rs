@@ -24,11 +24,18 @@
 //! Environment calls reach the whole cluster: a request is placed on the
 //! best node, a read or delete goes to the owner (`routing.rs`). A call with
 //! the `x-shoal-local` header is served by this node alone.
+//!
+//! Node-to-node calls are signed (`peer_auth.rs`); [`peer_gate`], in front
+//! of every route, checks the signature (over the body too, read up to
+//! [`MAX_BODY`]) and marks the call [`PeerCall`]. Handlers honour
+//! `x-shoal-local` (and the forwarding budget) only through [`Local`],
+//! i.e. on a verified call; an unsigned call carrying any `x-shoal-*`
+//! header is refused with 401 before any handler runs.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -39,6 +46,7 @@ use tracing::{info, warn};
 use crate::docker::EngineInfo;
 use crate::envs::{EnvError, Envs};
 use crate::model::{EnvRequest, ErrorBody, FieldError, ImageInfo, NodeInfo, PublishRequest};
+use crate::peer_auth::{self, Admission, PeerPolicy, Presented};
 use crate::routing::{Cluster, Forwarded, RouteError, BUDGET_HEADER, LOCAL_HEADER};
 use crate::store::{ImageRef, PublishHint, StoreError};
 
@@ -205,6 +213,120 @@ fn field_in_message(msg: &str) -> Option<String> {
     Some(msg[start..start + len].to_string())
 }
 
+/// On a request this node accepted as a node-to-node call: the sender's
+/// name when the signature was verified (`None` when the policy trusted an
+/// unsigned call: transitional or insecure mode).
+#[derive(Debug, Clone)]
+pub struct PeerCall(pub Option<String>);
+
+/// Whether the call is a node-to-node call with `x-shoal-local` ("serve it
+/// here"): true only on a call [`peer_gate`] accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct Local(pub bool);
+
+impl<S: Send + Sync> FromRequestParts<S> for Local {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Local(
+            parts.extensions.get::<PeerCall>().is_some()
+                && parts.headers.contains_key(LOCAL_HEADER),
+        ))
+    }
+}
+
+/// Where the gate reads the node's policy, as it stands at each call (the
+/// keys change on `SIGHUP`).
+pub type PolicySource = Arc<dyn Fn() -> PeerPolicy + Send + Sync>;
+
+/// The gate in front of every route (see the module doc).
+pub async fn peer_gate(
+    State(policy): State<PolicySource>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match admit_call(&policy(), req).await {
+        Ok(req) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn admit_call(
+    policy: &PeerPolicy,
+    req: axum::extract::Request,
+) -> Result<axum::extract::Request, ApiError> {
+    let headers = req.headers();
+    let signed = headers.contains_key(peer_auth::SIG_HEADER);
+    let shoal_header = headers
+        .keys()
+        .map(|k| k.as_str())
+        .find(|k| k.starts_with(peer_auth::HEADER_PREFIX) && *k != peer_auth::SIG_HEADER);
+    match peer_auth::admit(policy, signed, shoal_header) {
+        Admission::Plain => Ok(req),
+        Admission::Refuse(h) => {
+            warn!(header = %h, uri = %req.uri(), "refused an unsigned call with a node-to-node header");
+            Err(ApiError::field(
+                StatusCode::UNAUTHORIZED,
+                &h,
+                format!("header {h} is honoured only on a signed node-to-node call"),
+            ))
+        }
+        Admission::Trust => {
+            let mut req = req;
+            req.extensions_mut().insert(PeerCall(None));
+            Ok(req)
+        }
+        Admission::Verify => {
+            let Some(auth) = policy.signer() else {
+                return Err(ApiError::new(StatusCode::UNAUTHORIZED, "no key"));
+            };
+            let (mut parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body is over {MAX_BODY} bytes"),
+                )
+            })?;
+            let text = |h: &str| parts.headers.get(h).and_then(|v| v.to_str().ok());
+            let presented = Presented {
+                peer: text(peer_auth::PEER_HEADER),
+                ts: text(peer_auth::TS_HEADER),
+                nonce: text(peer_auth::NONCE_HEADER),
+                sig: text(peer_auth::SIG_HEADER),
+            };
+            let target = parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| parts.uri.path(), |p| p.as_str());
+            match auth.verify(&presented, parts.method.as_str(), target, &body) {
+                Ok(peer) => {
+                    parts.extensions.insert(PeerCall(Some(peer)));
+                    Ok(axum::extract::Request::from_parts(
+                        parts,
+                        axum::body::Body::from(body),
+                    ))
+                }
+                Err(e) => {
+                    warn!(
+                        peer = presented.peer.unwrap_or("-"),
+                        uri = %parts.uri,
+                        error = %e,
+                        "refused a node-to-node call"
+                    );
+                    Err(ApiError::field(
+                        StatusCode::UNAUTHORIZED,
+                        e.header(),
+                        format!("node-to-node call refused: {e}"),
+                    ))
+                }
+            }
+        }
+    }
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -235,6 +357,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            {
+                let cluster = state.cluster.clone();
+                Arc::new(move || cluster.peer_policy()) as PolicySource
+            },
+            peer_gate,
+        ))
         .with_state(state)
 }
 
@@ -275,6 +404,7 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
         ),
         gossip: s.cluster.gossip_security(),
         store: s.envs.store().status(),
+        peer_calls: s.cluster.peer_policy().mode().to_string(),
     }))
 }
 
@@ -372,10 +502,6 @@ async fn publish(
     Ok((status, Json(ImageInfo::from(&manifest))).into_response())
 }
 
-fn is_local(headers: &HeaderMap) -> bool {
-    headers.contains_key(LOCAL_HEADER)
-}
-
 impl From<RouteError> for ApiError {
     fn from(e: RouteError) -> Self {
         let mut a = ApiError::new(e.status, e.error);
@@ -438,6 +564,7 @@ async fn env_request(
 
 async fn create_env(
     State(s): State<Arc<AppState>>,
+    Local(local): Local,
     headers: HeaderMap,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
@@ -446,7 +573,7 @@ async fn create_env(
     let read_at = tokio::time::Instant::now();
     let stalled = s.cluster.stalled(read_at);
     let (body, req, manifest, spec) = env_request(&s, req).await?;
-    if !is_local(&headers) {
+    if !local {
         return Ok(passthrough(
             s.cluster.create(&body, &req, spec, manifest).await?,
         ));
@@ -486,8 +613,8 @@ async fn create_env(
         .into_response())
 }
 
-async fn list_envs(State(s): State<Arc<AppState>>, headers: HeaderMap) -> impl IntoResponse {
-    if is_local(&headers) {
+async fn list_envs(State(s): State<Arc<AppState>>, Local(local): Local) -> impl IntoResponse {
+    if local {
         Json(s.envs.list())
     } else {
         Json(s.cluster.all_envs().await)
@@ -496,13 +623,13 @@ async fn list_envs(State(s): State<Arc<AppState>>, headers: HeaderMap) -> impl I
 
 async fn get_env(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Local(local): Local,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     if let Some(rec) = s.envs.get(&id) {
         return Ok(Json(rec).into_response());
     }
-    if !is_local(&headers) {
+    if !local {
         if let Some(f) = s.cluster.forward_env(hyper::Method::GET, &id).await {
             return Ok(passthrough(f?));
         }
@@ -516,10 +643,10 @@ async fn get_env(
 
 async fn delete_env(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Local(local): Local,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if s.envs.get(&id).is_none() && !is_local(&headers) {
+    if s.envs.get(&id).is_none() && !local {
         if let Some(f) = s.cluster.forward_env(hyper::Method::DELETE, &id).await {
             return Ok(passthrough(f?));
         }
@@ -531,12 +658,12 @@ async fn delete_env(
 /// `POST /v1/environments/{id}/extend`, on the owner.
 async fn extend_env(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Local(local): Local,
     Path(id): Path<String>,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(req).await?;
-    if s.envs.get(&id).is_none() && !is_local(&headers) {
+    if s.envs.get(&id).is_none() && !local {
         if let Some(f) = s
             .cluster
             .forward_env_call(hyper::Method::POST, &id, "/extend", Some(body.to_vec()))
@@ -609,8 +736,8 @@ async fn placement(
 
 /// `GET /v1/builds`: this node's builds, and (unless the call is local)
 /// every live build node's.
-async fn list_builds(State(s): State<Arc<AppState>>, headers: HeaderMap) -> impl IntoResponse {
-    if is_local(&headers) {
+async fn list_builds(State(s): State<Arc<AppState>>, Local(local): Local) -> impl IntoResponse {
+    if local {
         Json(s.builds.list())
     } else {
         Json(s.builds.cluster_list(&s.cluster).await)
@@ -621,10 +748,10 @@ async fn list_builds(State(s): State<Arc<AppState>>, headers: HeaderMap) -> impl
 /// that has the build.
 async fn build_log(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Local(local): Local,
     Path((product, build)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let log = if is_local(&headers) {
+    let log = if local {
         s.builds.log(&product, &build)
     } else {
         s.builds.cluster_log(&s.cluster, &product, &build).await
@@ -641,5 +768,153 @@ async fn build_log(
             "build",
             format!("no build node has build {product}/{build}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer_auth::{PeerAuth, PeerKeys};
+    use tower::ServiceExt;
+
+    /// A route behind the gate that answers what the handler saw.
+    fn gated(policy: PeerPolicy) -> Router {
+        async fn echo(Local(local): Local, req: axum::extract::Request) -> String {
+            let peer = req.extensions().get::<PeerCall>().cloned();
+            let body = axum::body::to_bytes(req.into_body(), MAX_BODY)
+                .await
+                .unwrap();
+            format!(
+                "local={local} peer={:?} body={}",
+                peer.map(|p| p.0),
+                String::from_utf8_lossy(&body)
+            )
+        }
+        Router::new()
+            .route("/v1/environments", axum::routing::post(echo).get(echo))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(move || policy.clone()) as PolicySource,
+                peer_gate,
+            ))
+    }
+
+    fn auth(name: &str, key: u8) -> Arc<PeerAuth> {
+        Arc::new(PeerAuth::new(name, PeerKeys::new(vec![[key; 32]]).unwrap()))
+    }
+
+    fn request(path: &str, body: &str, headers: &[(&str, String)]) -> axum::extract::Request {
+        let mut r = axum::extract::Request::builder().method("POST").uri(path);
+        for (k, v) in headers {
+            r = r.header(*k, v);
+        }
+        r.body(axum::body::Body::from(body.to_string())).unwrap()
+    }
+
+    async fn send(app: &Router, req: axum::extract::Request) -> (StatusCode, String) {
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), MAX_BODY)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn signed(by: &PeerAuth, to: &str, path: &str, body: &str) -> Vec<(&'static str, String)> {
+        let mut h = vec![(LOCAL_HEADER, "1".to_string())];
+        let s = by.sign("POST", path, body.as_bytes(), to);
+        h.extend(s.headers().map(|(k, v)| (k, v.to_string())));
+        h
+    }
+
+    #[tokio::test]
+    async fn the_gate_honours_local_only_on_a_verified_call() {
+        let app = gated(PeerPolicy::Required(auth("b", 1)));
+        let a = auth("a", 1);
+        let path = "/v1/environments";
+        // A plain client call passes, not local.
+        let (st, body) = send(&app, request(path, "{}", &[])).await;
+        assert_eq!(
+            (st, body.as_str()),
+            (StatusCode::OK, "local=false peer=None body={}")
+        );
+        // A signed call from a node of the cluster is local, body intact.
+        let h = signed(&a, "b", path, "{\"x\":1}");
+        let (st, body) = send(&app, request(path, "{\"x\":1}", &h)).await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        assert_eq!(body, "local=true peer=Some(Some(\"a\")) body={\"x\":1}");
+        // The same call again: a replay.
+        let (st, body) = send(&app, request(path, "{\"x\":1}", &h)).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        assert!(body.contains("\"field\":\"x-shoal-nonce\""), "{body}");
+        // A forged x-shoal-local (or any x-shoal-* header) from a client.
+        for header in [LOCAL_HEADER, BUDGET_HEADER, "x-shoal-deadline"] {
+            let (st, body) = send(&app, request(path, "{}", &[(header, "1".into())])).await;
+            assert_eq!(st, StatusCode::UNAUTHORIZED, "{header}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["field"], header);
+            assert!(v["error"].as_str().unwrap().contains(header), "{body}");
+        }
+        // Signed with another key, or for another node, or its body changed.
+        let other = auth("a", 2);
+        let cases = [
+            (signed(&other, "b", path, "{}"), "{}", "x-shoal-sig"),
+            (signed(&a, "c", path, "{}"), "{}", "x-shoal-sig"),
+            (signed(&a, "b", path, "{}"), "{ }", "x-shoal-sig"),
+            (
+                signed(&a, "b", "/v1/environments?all=1", "{}"),
+                "{}",
+                "x-shoal-sig",
+            ),
+        ];
+        for (h, body, field) in cases {
+            let (st, answer) = send(&app, request(path, body, &h)).await;
+            assert_eq!(st, StatusCode::UNAUTHORIZED, "{answer}");
+            assert!(
+                answer.contains(&format!("\"field\":\"{field}\"")),
+                "{answer}"
+            );
+        }
+        // Signature headers without x-shoal-local: verified, not local.
+        let s = a.sign("POST", path, b"", "b");
+        let h: Vec<_> = s.headers().map(|(k, v)| (k, v.to_string())).into();
+        let (st, body) = send(&app, request(path, "", &h)).await;
+        assert_eq!(
+            (st, body.as_str()),
+            (StatusCode::OK, "local=false peer=Some(Some(\"a\")) body=")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_signed_body_over_the_limit_is_refused_in_json() {
+        let app = gated(PeerPolicy::Required(auth("b", 1)));
+        let big = "x".repeat(MAX_BODY + 1);
+        let h = signed(&auth("a", 1), "b", "/v1/environments", &big);
+        let (st, body) = send(&app, request("/v1/environments", &big, &h)).await;
+        assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(body.contains("\"error\""), "{body}");
+    }
+
+    #[tokio::test]
+    async fn transitional_and_off_trust_unsigned_calls_but_never_a_bad_signature() {
+        let path = "/v1/environments";
+        let local = [(LOCAL_HEADER, "1".to_string())];
+        for policy in [PeerPolicy::Transitional(auth("b", 1)), PeerPolicy::Off] {
+            let mode = policy.mode();
+            let app = gated(policy);
+            let (st, body) = send(&app, request(path, "{}", &local)).await;
+            assert_eq!(
+                (st, body.as_str()),
+                (StatusCode::OK, "local=true peer=Some(None) body={}"),
+                "{mode}"
+            );
+        }
+        let app = gated(PeerPolicy::Transitional(auth("b", 1)));
+        let h = signed(&auth("a", 2), "b", path, "{}");
+        let (st, _) = send(&app, request(path, "{}", &h)).await;
+        assert_eq!(
+            st,
+            StatusCode::UNAUTHORIZED,
+            "transitional still checks signatures"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! A small HTTP client for shoal's JSON API, used by the CLI subcommands
-//! (and by node-to-node calls once the cluster forwards requests).
+//! and by node-to-node calls, which it signs ([`Client::signed`],
+//! `peer_auth.rs`) so that the receiver honours their `x-shoal-*` headers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::model::ErrorBody;
+use crate::peer_auth::PeerAuth;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -34,6 +37,8 @@ pub struct Client {
     http: HyperClient<HttpConnector, Full<Bytes>>,
     timeout: Duration,
     headers: Vec<(String, String)>,
+    /// Signs every request as a call from this node to the named node.
+    signer: Option<(Arc<PeerAuth>, String)>,
 }
 
 impl Client {
@@ -49,6 +54,7 @@ impl Client {
             http,
             timeout,
             headers: Vec::new(),
+            signer: None,
         })
     }
 
@@ -56,6 +62,39 @@ impl Client {
     pub fn with_header(mut self, name: &str, value: &str) -> Client {
         self.headers.push((name.to_string(), value.to_string()));
         self
+    }
+
+    /// The same client, signing every request with this node's key as a
+    /// call to node `to` (which checks it was meant for itself).
+    pub fn signed(mut self, auth: Arc<PeerAuth>, to: &str) -> Client {
+        self.signer = Some((auth, to.to_string()));
+        self
+    }
+
+    /// Adds the configured headers and, for a node-to-node client, the
+    /// signature over the request as it will be sent.
+    fn finish(&self, req: &mut Request<Full<Bytes>>, body: &[u8]) {
+        let h = req.headers_mut();
+        for (k, v) in &self.headers {
+            if let (Ok(k), Ok(v)) = (
+                hyper::header::HeaderName::from_bytes(k.as_bytes()),
+                hyper::header::HeaderValue::from_str(v),
+            ) {
+                h.insert(k, v);
+            }
+        }
+        if let Some((auth, to)) = &self.signer {
+            let target = req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string());
+            let signed = auth.sign(req.method().as_str(), &target, body, to);
+            for (k, v) in signed.headers() {
+                if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
+                    req.headers_mut().insert(k, v);
+                }
+            }
+        }
     }
 
     pub fn base(&self) -> &str {
@@ -74,12 +113,11 @@ impl Client {
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
-        for (k, v) in &self.headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        let body = Bytes::from(body.unwrap_or_default());
+        let mut req = req
+            .body(Full::new(body.clone()))
             .map_err(|_| ClientError::Url(url.clone()))?;
+        self.finish(&mut req, &body);
         let call = async {
             let resp = self
                 .http
@@ -140,13 +178,12 @@ impl Client {
         mut on_chunk: impl FnMut(&[u8]),
     ) -> Result<(), ClientError> {
         let url = format!("{}{path}", self.base);
-        let mut req = Request::builder().method(Method::GET).uri(&url);
-        for (k, v) in &self.headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        let req = req
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(&url)
             .body(Full::new(Bytes::new()))
             .map_err(|_| ClientError::Url(url.clone()))?;
+        self.finish(&mut req, &[]);
         let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable {
             url: url.clone(),
             message: e.to_string(),

@@ -140,11 +140,16 @@ pub async fn run(
     let store_watch = store.clone().watch();
     let envs = Envs::recover(settings.clone(), engine, store).await?;
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+    // What other nodes call: on a wildcard listen, the IP this node gossips
+    // from (peers check that the two match, `cluster::keys::check_http_addr`).
     let http_addr = if addr.ip().is_unspecified() {
-        format!("{}:{}", settings.advertise_host, addr.port())
+        std::net::SocketAddr::new(settings.advertise.ip(), addr.port()).to_string()
     } else {
         addr.to_string()
     };
+    if let Err(e) = crate::cluster::keys::check_http_addr(&http_addr, settings.advertise.ip()) {
+        warn!(node = %settings.name, http = %http_addr, gossip = %settings.advertise, "other nodes will not call this node: {e}");
+    }
     let cluster = Cluster::start(
         &settings,
         envs.clone(),
@@ -182,10 +187,14 @@ pub async fn run(
         workers.adopt(name, task);
     }
     // Testers' workers: mail (watcher + outbox) and the reservation reaper.
-    let public_url = settings
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{http_addr}"));
+    // Testers reach the page by the advertised host name (docs/config.md).
+    let public_url = settings.public_url.clone().unwrap_or_else(|| {
+        if addr.ip().is_unspecified() {
+            format!("http://{}:{}", settings.advertise_host, addr.port())
+        } else {
+            format!("http://{addr}")
+        }
+    });
     let mail = crate::mail::Mailer::new(&settings, public_url)?;
     workers.adopt("mail-outbox", mail.spawn_sender());
     workers.adopt(

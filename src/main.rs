@@ -745,6 +745,9 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
                     }
                 );
                 println!("engine      {}", n.engine.describe());
+                if !n.peer_calls.is_empty() {
+                    println!("peer calls  {}", n.peer_calls);
+                }
                 for note in n.storage_notes {
                     println!("note        {note}");
                 }

@@ -356,6 +356,11 @@ pub struct NodeInfo {
     /// How this node's gossip is protected.
     #[serde(default)]
     pub gossip: GossipSecurity,
+    /// How node-to-node HTTP calls are checked (`docs/security.md`):
+    /// `required` (signed calls only), `transitional` (signs, still honours
+    /// unsigned ones) or `off` (no key: nothing signed).
+    #[serde(default)]
+    pub peer_calls: String,
 }
 
 /// How a node's gossip is protected (`docs/security.md`).

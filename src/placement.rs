@@ -84,6 +84,10 @@ pub enum Reason {
     UnreadableFacts {
         error: String,
     },
+    /// Its gossiped HTTP address failed the checks: nothing is sent there.
+    BadHttpAddr {
+        error: String,
+    },
     Draining,
     /// The node's engine does not answer (`unreachable` or `hung`).
     EngineDown {
@@ -136,6 +140,7 @@ impl fmt::Display for Reason {
             Reason::UnreadableFacts { error } => {
                 write!(f, "node's gossip facts are unreadable: {error}")
             }
+            Reason::BadHttpAddr { error } => write!(f, "node is not called: {error}"),
             Reason::Draining => write!(f, "node is draining and takes no new environments"),
             Reason::EngineDown {
                 engine: EngineState::Hung,
@@ -252,6 +257,12 @@ fn check(
     };
     if n.left {
         return Err(Reason::Left);
+    }
+    // This node serves itself without HTTP; any other is called there.
+    if let (Some(error), false) = (&n.http_error, n.is_self) {
+        return Err(Reason::BadHttpAddr {
+            error: error.clone(),
+        });
     }
     if f.draining {
         return Err(Reason::Draining);
@@ -405,6 +416,7 @@ mod tests {
                 ..Default::default()
             }),
             facts_error: None,
+            http_error: None,
             alive: true,
             left: false,
             is_self: false,
@@ -496,6 +508,25 @@ mod tests {
                         error: "missing key `mem`".into(),
                     }),
                 )],
+            ),
+            (
+                vec![with("h", |n, _| n.http_error = Some("bad host".into()))],
+                req(0, 0),
+                vec![(
+                    "h",
+                    Err(Reason::BadHttpAddr {
+                        error: "bad host".into(),
+                    }),
+                )],
+            ),
+            // This node is served without HTTP: its own address is not used.
+            (
+                vec![with("me", |n, _| {
+                    n.is_self = true;
+                    n.http_error = Some("bad host".into())
+                })],
+                req(0, 0),
+                vec![("me", Ok(()))],
             ),
             (
                 vec![with("dr", |_, f| f.draining = true)],

@@ -15,7 +15,11 @@
 //!   nothing is ever started elsewhere in their place.
 //!
 //! Requests between nodes carry [`LOCAL_HEADER`]: "handle this here", so a
-//! forwarded request is never forwarded again.
+//! forwarded request is never forwarded again. Every one of them is signed
+//! with the cluster's HTTP key ([`Cluster::peer_client`], `peer_auth.rs`):
+//! the receiver honours the header only on a call it verified. Peers are
+//! called only at an `http` address that passed the gossip checks
+//! ([`NodeView::http_addr`]).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -35,6 +39,7 @@ use crate::config::{SealMode, Settings};
 use crate::envs::{EnvError, Envs};
 use crate::keyring::Keyring;
 use crate::model::{EnvRecord, EnvRequest, EnvSpec, EnvStatus, GossipSecurity, NodeReason};
+use crate::peer_auth::{NonceCache, PeerPolicy, NONCE_CACHE_CAP};
 use crate::placement::{self, Placement, PlacementRequest};
 use crate::store::Manifest;
 
@@ -157,6 +162,14 @@ pub struct Cluster {
     seal: SealControl,
     cluster_id: String,
     insecure: bool,
+    /// Signs this node's calls to others and says which calls it honours
+    /// (from the keyring's HTTP keys and the seal mode).
+    /// Replaced on `SIGHUP` with the keyring; a std lock held only to
+    /// clone or swap it.
+    peer_policy: std::sync::RwLock<PeerPolicy>,
+    /// The replay cache, kept across reloads (a call accepted before a
+    /// reload is still a replay after it).
+    peer_nonces: Arc<Mutex<NonceCache>>,
     seal_stats: Arc<SealStats>,
 }
 
@@ -194,6 +207,7 @@ impl Cluster {
             .iter()
             .filter_map(|r| r.parse().ok())
             .collect();
+        let peer_nonces = Arc::new(Mutex::new(NonceCache::new(NONCE_CACHE_CAP)));
         let me = Cluster {
             gossip: tokio::sync::Mutex::new(None),
             view: watch::channel(ClusterView::default()).1,
@@ -203,6 +217,13 @@ impl Cluster {
             roles,
             layers: Mutex::default(),
             stalls: Arc::default(),
+            peer_policy: std::sync::RwLock::new(PeerPolicy::with_cache(
+                &settings.name,
+                keyring.as_deref(),
+                settings.gossip_seal,
+                peer_nonces.clone(),
+            )),
+            peer_nonces,
             seal: SealControl::new(
                 settings.gossip_seal,
                 keyring
@@ -240,6 +261,17 @@ impl Cluster {
                 .as_ref()
                 .map(|k| Sealer::new(&k.gossip_keys(), &self.cluster_id)),
         );
+        let policy = PeerPolicy::with_cache(
+            self.envs.settings().name.as_str(),
+            keyring.as_deref(),
+            mode,
+            self.peer_nonces.clone(),
+        );
+        tracing::info!(
+            peer_calls = policy.mode(),
+            "node-to-node call keys reloaded"
+        );
+        *self.peer_policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
         *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = keyring;
     }
 
@@ -413,11 +445,41 @@ impl Cluster {
         placement::rank(&view.nodes, req, &placement::layers_of(m), DEFAULT_LOAD_BPS)
     }
 
+    /// How this node signs and checks node-to-node calls.
+    pub fn peer_policy(&self) -> PeerPolicy {
+        self.peer_policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A client for node-to-node calls to `node`: at its checked `http`
+    /// address, with [`LOCAL_HEADER`], every request signed. `None` when
+    /// the node has no usable address.
+    pub fn peer_client(&self, node: &NodeView, timeout: Duration) -> Option<Client> {
+        let addr = node.http_addr()?;
+        let c = Client::new(&format!("http://{addr}"), timeout)
+            .ok()?
+            .with_header(LOCAL_HEADER, "1");
+        Some(match self.peer_policy().signer() {
+            Some(auth) => c.signed(auth.clone(), &node.name),
+            None => c,
+        })
+    }
+
+    /// The headers of a node-to-node call to node `to` made without
+    /// [`Client`] (the event relay): [`LOCAL_HEADER`] and the signature.
+    pub fn peer_headers(&self, method: &str, path: &str, to: &str) -> Vec<(&'static str, String)> {
+        let mut out = vec![(LOCAL_HEADER, "1".to_string())];
+        if let Some(auth) = self.peer_policy().signer() {
+            let s = auth.sign(method, path, b"", to);
+            out.extend(s.headers().map(|(k, v)| (k, v.to_string())));
+        }
+        out
+    }
+
     fn peer(&self, node: &NodeView) -> Option<Client> {
-        let addr = &node.facts.as_ref()?.http_addr;
-        Client::new(&format!("http://{addr}"), PEER_TIMEOUT)
-            .ok()
-            .map(|c| c.with_header(LOCAL_HEADER, "1"))
+        self.peer_client(node, PEER_TIMEOUT)
     }
 
     /// Places a new environment: tries the ranked candidates in turn until
@@ -515,6 +577,19 @@ impl Cluster {
                         resource,
                     });
                 }
+                // The candidate does not take this node's signature (another
+                // cluster key): it is not one of ours, try the next.
+                Ok((status, answer)) if status == StatusCode::UNAUTHORIZED => {
+                    let why = serde_json::from_slice::<crate::model::ErrorBody>(&answer)
+                        .map(|b| b.error)
+                        .unwrap_or_default();
+                    warn!(node = %cand.node, error = %why, "candidate refused this node's signed call");
+                    reasons.push(NodeReason {
+                        node: cand.node.clone(),
+                        reason: format!("refused this node's signed call: {why}"),
+                        resource: None,
+                    });
+                }
                 // Anything else (a bad request) would be the same anywhere.
                 Ok((status, answer)) => {
                     return Ok(Forwarded {
@@ -599,6 +674,8 @@ impl Cluster {
             client
                 .send_raw(method, &format!("/v1/environments/{id}{suffix}"), body)
                 .await
+                .map_err(|e| e.to_string())
+                .and_then(|(status, body)| refused_by_peer(status, &body))
                 .map(|(status, body)| Forwarded { status, body })
                 .map_err(|e| RouteError {
                     status: StatusCode::BAD_GATEWAY,
@@ -651,6 +728,8 @@ impl Cluster {
             client
                 .send_raw(method, &format!("{path}{suffix}"), call_body)
                 .await
+                .map_err(|e| e.to_string())
+                .and_then(|(status, body)| refused_by_peer(status, &body))
                 .map(|(status, body)| Forwarded { status, body })
                 .map_err(|e| RouteError {
                     status: StatusCode::BAD_GATEWAY,
@@ -717,6 +796,18 @@ impl Cluster {
             }
         }
     }
+}
+
+/// A peer's answer, unless it refused this node's signed call (401): that
+/// is no answer to pass on to the client (who is not the one refused).
+fn refused_by_peer(status: StatusCode, body: &Bytes) -> Result<(StatusCode, Bytes), String> {
+    if status == StatusCode::UNAUTHORIZED {
+        let why = serde_json::from_slice::<crate::model::ErrorBody>(body)
+            .map(|b| b.error)
+            .unwrap_or_default();
+        return Err(format!("it refused this node's signed call: {why}"));
+    }
+    Ok((status, body.clone()))
 }
 
 /// An environment as gossip last described it, on a node that does not

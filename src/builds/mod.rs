@@ -47,7 +47,7 @@ use crate::config::Settings;
 use crate::docker::{DockerError, Engine};
 use crate::envs::Envs;
 use crate::model::EnvStatus;
-use crate::routing::{Cluster, LOCAL_HEADER};
+use crate::routing::Cluster;
 use crate::store::{ImageRef, Manifest, PublishHint, Store, StoreError};
 use recipe::{Recipe, RecipeError};
 use retention::{ManifestEntry, Step};
@@ -710,7 +710,7 @@ impl Builds {
                 .await;
         }
         let _ = self.engine().remove_image(&work).await;
-        let rec = match result {
+        match result {
             Ok(done) => {
                 info!(
                     product = %image.name, build = %image.build, image = %image,
@@ -721,6 +721,8 @@ impl Builds {
                     "published {image}: {} layer files ({} bytes) added to the store",
                     done.layers_added, done.bytes_added
                 ));
+                // The log first: whoever sees the record finished finds it.
+                self.write_log(&rec, &log);
                 self.update(&key, |r| {
                     r.status = BuildStatus::Published;
                     r.finished_at = Some(now());
@@ -728,21 +730,19 @@ impl Builds {
                     r.base = done.base.map(|b| b.to_string());
                     r.layers_added = Some(done.layers_added);
                     r.bytes_added = Some(done.bytes_added);
-                })
+                });
             }
             Err(e) => {
                 warn!(product = %image.name, build = %image.build, image = %image, error = %e, "build failed");
                 log.push(&format!("build failed: {e}"));
+                self.write_log(&rec, &log);
                 self.update(&key, |r| {
                     r.status = BuildStatus::Failed;
                     r.finished_at = Some(now());
                     r.timings = timings;
                     r.error = Some(e.to_string());
-                })
+                });
             }
-        };
-        if let Some(rec) = rec {
-            self.write_log(&rec, &log);
         }
     }
 
@@ -1075,9 +1075,7 @@ fn build_peers(cluster: &Cluster) -> Vec<(String, Client)> {
             if !f.roles.contains(&Role::Build) {
                 return None;
             }
-            let c = Client::new(&format!("http://{}", f.http_addr), PEER_TIMEOUT)
-                .ok()?
-                .with_header(LOCAL_HEADER, "1");
+            let c = cluster.peer_client(&n, PEER_TIMEOUT)?;
             Some((n.name.clone(), c))
         })
         .collect()

@@ -172,6 +172,9 @@ pub struct NodeView {
     /// Its facts; `None` when they could not be read (see `facts_error`).
     pub facts: Option<NodeFacts>,
     pub facts_error: Option<String>,
+    /// Why its gossiped `http` address is not used (see
+    /// [`keys::check_http_addr`]); no node-to-node call goes to it then.
+    pub http_error: Option<String>,
     /// Alive per the failure detector (this node is always alive).
     pub alive: bool,
     /// It said goodbye before it stopped (a clean leave, not a crash).
@@ -186,6 +189,17 @@ pub struct NodeView {
     /// until observed once.
     #[serde(serialize_with = "ser_opt_secs")]
     pub last_seen: Option<Duration>,
+}
+
+impl NodeView {
+    /// Its HTTP API (`host:port`) when gossip told one that passed the
+    /// checks; `None` otherwise. Every node-to-node call takes it from here.
+    pub fn http_addr(&self) -> Option<&str> {
+        if self.http_error.is_some() {
+            return None;
+        }
+        self.facts.as_ref().map(|f| f.http_addr.as_str())
+    }
 }
 
 fn ser_opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -463,10 +477,14 @@ fn build_view(chitchat: &Chitchat, self_id: &ChitchatId, seen: &SeenMap) -> Clus
                 Ok(f) => (Some(f), None),
                 Err(e) => (None, Some(e.to_string())),
             };
+            let http_error = facts.as_ref().and_then(|f| {
+                keys::check_http_addr(&f.http_addr, id.gossip_advertise_addr.ip()).err()
+            });
             Some(NodeView {
                 name: id.node_id.to_string(),
                 facts,
                 facts_error,
+                http_error,
                 alive: live.contains(id),
                 left: keys::has_left(state.key_values()),
                 is_self,

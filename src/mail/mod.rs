@@ -609,6 +609,7 @@ mod tests {
                 ..Default::default()
             }),
             facts_error: None,
+            http_error: None,
             alive,
             left,
             is_self: name == me,

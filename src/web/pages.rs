@@ -605,7 +605,14 @@ pub fn cluster(
                     "<tr{class}><td>{}{me}</td><td><b>{state}</b></td><td>{}</td><td>{} of {}</td>\
                      <td>{} of {}</td><td>{} of {}</td><td>{}</td><td>{seen}</td><td>{}</td></tr>",
                     esc(&n.name),
-                    esc(&f.http_addr),
+                    match &n.http_error {
+                        None => esc(&f.http_addr),
+                        Some(e) => format!(
+                            "{} <small>(not used: {})</small>",
+                            esc(&f.http_addr),
+                            esc(e)
+                        ),
+                    },
                     format_size(f.memory_committed),
                     format_size(f.memory_allocatable),
                     f.env_count,
@@ -746,6 +753,7 @@ mod tests {
                 ..Default::default()
             }),
             facts_error: None,
+            http_error: None,
             alive,
             left: false,
             is_self: name == "n1",

@@ -4,9 +4,10 @@
 //! deleted (a last record with status `deleted`). `curl -N` shows it.
 //!
 //! Any node answers: the owner streams from its own records; another node
-//! relays the owner's stream byte for byte (a node-to-node call with the
-//! local header); for an owner the cluster calls dead it sends the `lost`
-//! record once and ends.
+//! relays the owner's stream byte for byte (a signed node-to-node call with
+//! the local header; only the request is signed, the stream is the answer);
+//! for an owner the cluster calls dead it sends the `lost` record once and
+//! ends.
 //!
 //! Every stream ends when the node begins to shut down (`AppState::shutdown`):
 //! an open stream must never keep a stopping node alive.
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -28,10 +29,10 @@ use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::api::{ApiError, AppState};
+use crate::api::{ApiError, AppState, Local};
+use crate::cluster::NodeView;
 use crate::envs::Envs;
 use crate::model::{EnvRecord, EnvStatus};
-use crate::routing::LOCAL_HEADER;
 
 /// How long the owner may take to start answering a relayed stream.
 const RELAY_CONNECT: Duration = Duration::from_secs(5);
@@ -44,25 +45,25 @@ fn event(rec: &EnvRecord) -> Event {
 
 pub async fn events(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Local(local_call): Local,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     if s.envs.get(&id).is_some() {
         return Ok(local(s.envs.clone(), id, s.shutdown.clone()));
     }
-    if !headers.contains_key(LOCAL_HEADER) {
+    if !local_call {
         if let Some((node, summary)) = s.cluster.owner_of(&id) {
             if !node.alive || node.left {
                 let rec = crate::routing::lost_record(&node.name, &summary);
                 let once = futures::stream::iter([Ok::<_, Infallible>(event(&rec))]);
                 return Ok(Sse::new(once).into_response());
             }
-            if let Some(addr) = node.facts.as_ref().map(|f| f.http_addr.clone()) {
-                return relay(&addr, &id, s.shutdown.clone()).await;
+            if node.http_addr().is_some() {
+                return relay(&s, &node, &id).await;
             }
-        } else if let Some(addr) = ask_peers(&s, &id).await {
+        } else if let Some(node) = ask_peers(&s, &id).await {
             // Just created: gossip does not show it yet.
-            return relay(&addr, &id, s.shutdown.clone()).await;
+            return relay(&s, &node, &id).await;
         }
     }
     Err(ApiError::field(
@@ -72,25 +73,25 @@ pub async fn events(
     ))
 }
 
-/// The address of the alive peer that has environment `id`, asked
-/// directly (for an environment too new for gossip to show).
-async fn ask_peers(s: &AppState, id: &str) -> Option<String> {
+/// The alive peer that has environment `id`, asked directly (for an
+/// environment too new for gossip to show).
+async fn ask_peers(s: &AppState, id: &str) -> Option<NodeView> {
     let view = s.cluster.view();
     let path = format!("/v1/environments/{id}");
-    let addrs: Vec<String> = view
+    let peers: Vec<(NodeView, crate::client::Client)> = view
         .nodes
-        .iter()
+        .into_iter()
         .filter(|n| !n.is_self && n.alive && !n.left)
-        .filter_map(|n| Some(n.facts.as_ref()?.http_addr.clone()))
+        .filter_map(|n| {
+            let c = s.cluster.peer_client(&n, RELAY_CONNECT)?;
+            Some((n, c))
+        })
         .collect();
-    let asks = addrs.iter().map(|a| {
+    let asks = peers.into_iter().map(|(n, c)| {
         let path = path.clone();
         async move {
-            let c = crate::client::Client::new(&format!("http://{a}"), RELAY_CONNECT)
-                .ok()?
-                .with_header(LOCAL_HEADER, "1");
             match c.send_raw(hyper::Method::GET, &path, None).await {
-                Ok((StatusCode::OK, _)) => Some(a.clone()),
+                Ok((StatusCode::OK, _)) => Some(n),
                 _ => None,
             }
         }
@@ -142,10 +143,21 @@ fn local(envs: Arc<Envs>, id: String, shutdown: CancellationToken) -> Response {
 }
 
 /// Relays the owner's stream as it comes, until this node shuts down.
-async fn relay(addr: &str, id: &str, shutdown: CancellationToken) -> Result<Response, ApiError> {
+async fn relay(s: &AppState, node: &NodeView, id: &str) -> Result<Response, ApiError> {
+    let Some(addr) = node.http_addr() else {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("node {} has no usable http address", node.name),
+        ));
+    };
+    let shutdown = s.shutdown.clone();
     let client = HyperClient::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let req = hyper::Request::get(format!("http://{addr}/v1/environments/{id}/events"))
-        .header(LOCAL_HEADER, "1")
+    let path = format!("/v1/environments/{id}/events");
+    let mut req = hyper::Request::get(format!("http://{addr}{path}"));
+    for (k, v) in s.cluster.peer_headers("GET", &path, &node.name) {
+        req = req.header(k, v);
+    }
+    let req = req
         .body(Empty::new())
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let resp = tokio::time::timeout(RELAY_CONNECT, client.request(req))
@@ -161,6 +173,13 @@ async fn relay(addr: &str, id: &str, shutdown: CancellationToken) -> Result<Resp
             ApiError::new(StatusCode::BAD_GATEWAY, format!("node at {addr}: {e}"))
         })?;
     let status = resp.status();
+    if status == StatusCode::UNAUTHORIZED {
+        warn!(env = %id, node = %node.name, "the owner refused this node's signed call");
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("node {} refused this node's signed call", node.name),
+        ));
+    }
     let ty = resp
         .headers()
         .get(header::CONTENT_TYPE)

@@ -69,12 +69,16 @@ impl Node {
         extra: &[&str],
         env: Vec<(String, String)>,
     ) -> Result<Node> {
+        let listen = match extra.iter().position(|a| *a == "--listen") {
+            Some(i) => extra[i + 1].to_string(),
+            None => "127.0.0.1:0".into(),
+        };
         let mut args: Vec<String> = vec![
             "daemon".into(),
             "--name".into(),
             name.into(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            listen,
             "--data-dir".into(),
             dir.display().to_string(),
             "--store".into(),
@@ -108,7 +112,18 @@ impl Node {
         if !extra.contains(&"--ready-timeout") {
             args.extend(["--ready-timeout".into(), "60s".into()]);
         }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut skip_value = false;
+        for a in extra {
+            // `--listen` is already in place.
+            if std::mem::take(&mut skip_value) {
+                continue;
+            }
+            if *a == "--listen" {
+                skip_value = true;
+                continue;
+            }
+            args.push(a.to_string());
+        }
         let mut node = Node {
             name: name.into(),
             gossip,
