@@ -8,7 +8,7 @@
 //! - The journal (`<data_dir>/envs/<id>.json`, written temp + fsync +
 //!   rename) keeps what labels cannot: the status, the error, `ready_at`, and
 //!   environments that have no container yet (pending, loading).
-//! - [`State`] (one `std::sync::Mutex`, never held across an `.await`) holds
+//! - [`State`] (one `parking_lot::Mutex`, never held across an `.await`) holds
 //!   the records and the admission [`Ledger`]: check-and-reserve happens
 //!   under that one lock, so two requests cannot both take the last slot.
 //!
@@ -20,9 +20,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use time::OffsetDateTime;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
@@ -179,13 +180,9 @@ impl Envs {
             let me = envs.clone();
             let id2 = id.clone();
             let handle = tokio::spawn(async move { me.await_ready_or_fail(&id2).await });
-            envs.state
-                .lock()
-                .unwrap()
-                .tasks
-                .insert(id, handle.abort_handle());
+            envs.state.lock().tasks.insert(id, handle.abort_handle());
         }
-        let n = envs.state.lock().unwrap().envs.len();
+        let n = envs.state.lock().envs.len();
         info!(node = %envs.settings.name, environments = n, "environments recovered");
         Ok(envs)
     }
@@ -197,7 +194,7 @@ impl Envs {
         if rec.expires_at.is_none() {
             rec.expires_at = Some(now_s() + self.settings.default_ttl);
         }
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         if rec.status.holds_room() {
             st.ledger.restore(
                 &rec.id,
@@ -239,7 +236,7 @@ impl Envs {
 
     /// Totals of the ledger: (memory, aio, envs holding room).
     pub fn committed(&self) -> crate::admission::Committed {
-        self.state.lock().unwrap().ledger.committed()
+        self.state.lock().ledger.committed()
     }
 
     /// Stops admitting new environments (shutdown).
@@ -272,7 +269,7 @@ impl Envs {
 
     /// Environments still on their way to ready (pending, loading, starting).
     pub fn in_flight(&self) -> usize {
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock();
         st.envs
             .values()
             .filter(|r| {
@@ -285,7 +282,7 @@ impl Envs {
     }
 
     pub fn last_load_bps(&self) -> Option<u64> {
-        *self.last_load_bps.lock().unwrap()
+        *self.last_load_bps.lock()
     }
 
     /// Admits a checked request: reserves room (or refuses with the
@@ -328,7 +325,7 @@ impl Envs {
             expires_at: Some(expires_at),
         };
         {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             st.ledger
                 .reserve(&id, spec.memory, spec.aio, &cap)
                 .map_err(|shortage| EnvError::Refused {
@@ -339,7 +336,7 @@ impl Envs {
         }
         self.notify();
         if let Err(e) = self.write_journal(&rec) {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             st.ledger.release(&id);
             st.envs.remove(&id);
             return Err(e);
@@ -348,30 +345,26 @@ impl Envs {
         let me = self.clone();
         let id2 = id.clone();
         let handle = tokio::spawn(async move { me.drive(&id2, manifest).await });
-        self.state
-            .lock()
-            .unwrap()
-            .tasks
-            .insert(id, handle.abort_handle());
+        self.state.lock().tasks.insert(id, handle.abort_handle());
         Ok(rec)
     }
 
     pub fn list(&self) -> Vec<EnvRecord> {
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock();
         let mut v: Vec<EnvRecord> = st.envs.values().cloned().collect();
         v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
         v
     }
 
     pub fn get(&self, id: &str) -> Option<EnvRecord> {
-        self.state.lock().unwrap().envs.get(id).cloned()
+        self.state.lock().envs.get(id).cloned()
     }
 
     /// Pushes an environment's expiry back by `by`, never past `max_ttl`
     /// from now (the refusal names the limit). Journaled before it returns.
     pub fn extend(&self, id: &str, by: Duration) -> Result<EnvRecord, EnvError> {
         let rec = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let rec = st
                 .envs
                 .get_mut(id)
@@ -397,7 +390,7 @@ impl Envs {
     /// with status `deleted`.
     pub async fn delete(&self, id: &str) -> Result<EnvRecord, EnvError> {
         let (mut rec, task) = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let rec = st
                 .envs
                 .get(id)
@@ -414,7 +407,7 @@ impl Envs {
             self.engine.remove_container(cid).await?;
         }
         {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             st.ledger.release(id);
             st.envs.remove(id);
         }
@@ -435,7 +428,7 @@ impl Envs {
     /// many changed. Called periodically by the daemon.
     pub async fn reconcile(&self) -> usize {
         let ready: Vec<(String, Option<String>)> = {
-            let st = self.state.lock().unwrap();
+            let st = self.state.lock();
             st.envs
                 .values()
                 .filter(|r| r.status == EnvStatus::Ready)
@@ -487,7 +480,6 @@ impl Envs {
         let lock = self
             .image_locks
             .lock()
-            .unwrap()
             .entry(m.image_ref())
             .or_default()
             .clone();
@@ -523,7 +515,7 @@ impl Envs {
         .await?;
         let secs = started.elapsed().as_secs_f64();
         if stats.bytes_sent > 16 << 20 && secs > 0.0 {
-            *self.last_load_bps.lock().unwrap() = Some((stats.bytes_sent as f64 / secs) as u64);
+            *self.last_load_bps.lock() = Some((stats.bytes_sent as f64 / secs) as u64);
         }
         self.update(id, |r| r.load.bytes_done = needed);
         info!(env = %id, image = %m.image_ref(), layers_sent = stats.layers_sent, bytes = stats.bytes_sent, secs = format!("{secs:.2}"), "image loaded");
@@ -572,7 +564,7 @@ impl Envs {
         };
         let cid = self.engine.run(&spec).await?;
         {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             st.ledger.mark_started(id);
         }
         self.update(id, |r| r.container = Some(cid.clone()));
@@ -672,7 +664,7 @@ impl Envs {
 
     /// Ends the drive of an environment: ready, or failed (freeing its room).
     fn finish(&self, id: &str, outcome: Result<(), String>) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         st.tasks.remove(id);
         let Some(rec) = st.envs.get_mut(id) else {
             return;
@@ -702,7 +694,7 @@ impl Envs {
     /// Changes a record in place and journals it.
     fn update(&self, id: &str, f: impl FnOnce(&mut EnvRecord)) {
         let rec = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let Some(rec) = st.envs.get_mut(id) else {
                 return;
             };
@@ -836,7 +828,7 @@ impl ProgressSink {
         }
         self.last = done;
         if let Some(envs) = self.envs.upgrade() {
-            let mut st = envs.state.lock().unwrap();
+            let mut st = envs.state.lock();
             if let Some(r) = st.envs.get_mut(&self.id) {
                 r.load.bytes_done = done;
             }

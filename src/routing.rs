@@ -18,11 +18,12 @@
 //! forwarded request is never forwarded again.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use bytes::Bytes;
+use parking_lot::Mutex;
 use rand::Rng;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -166,7 +167,7 @@ impl Cluster {
             version: env!("CARGO_PKG_VERSION").to_string(),
             storage_driver: self.storage_driver.clone(),
             load_bps: self.envs.last_load_bps(),
-            layers: self.layers.lock().unwrap().clone(),
+            layers: self.layers.lock().clone(),
             envs,
         }
     }
@@ -175,7 +176,7 @@ impl Cluster {
         match self.envs.engine().held_chain_ids().await {
             Ok(held) => {
                 let held: Vec<_> = held.into_iter().collect();
-                *self.layers.lock().unwrap() = placement::layer_prefixes(&held);
+                *self.layers.lock() = placement::layer_prefixes(&held);
             }
             Err(e) => warn!(error = %e, "cannot list the engine's layers"),
         }

@@ -13,7 +13,7 @@
 //!   each build, and on every rescan tick, runs a prune;
 //! - image GC (every node): untags unpublished `shoal/*` images.
 //!
-//! State: one `std::sync::Mutex` over the records and the queue, never held
+//! State: one `parking_lot::Mutex` over the records and the queue, never held
 //! across an `.await`. Records are persisted one JSON file per build under
 //! `<data_dir>/builds/<product>/<build>.json` (temp + fsync + rename), the
 //! log beside it (`.log`). A build that was `queued` or `building` when the
@@ -32,9 +32,10 @@ pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, RwLock, Semaphore};
@@ -264,8 +265,7 @@ impl Builds {
             wake: Notify::new(),
             maintenance: RwLock::new(()),
         };
-        let records: Vec<BuildRecord> =
-            me.state.lock().unwrap().records.values().cloned().collect();
+        let records: Vec<BuildRecord> = me.state.lock().records.values().cloned().collect();
         for r in records
             .iter()
             .filter(|r| r.status != BuildStatus::Published)
@@ -293,14 +293,7 @@ impl Builds {
 
     /// This node's builds, newest first.
     pub fn list(&self) -> Vec<BuildRecord> {
-        let mut out: Vec<BuildRecord> = self
-            .state
-            .lock()
-            .unwrap()
-            .records
-            .values()
-            .cloned()
-            .collect();
+        let mut out: Vec<BuildRecord> = self.state.lock().records.values().cloned().collect();
         sort_records(&mut out);
         out
     }
@@ -309,7 +302,7 @@ impl Builds {
     /// build.
     pub fn log(&self, product: &str, build: &str) -> Option<String> {
         let key = (product.to_string(), build.to_string());
-        let rec = self.state.lock().unwrap().records.get(&key).cloned()?;
+        let rec = self.state.lock().records.get(&key).cloned()?;
         let path = self.log_path(&rec)?;
         Some(std::fs::read_to_string(path).unwrap_or_default())
     }
@@ -481,7 +474,7 @@ impl Builds {
         let detected = now();
         let mut new = Vec::new();
         {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             for r in scan.refused {
                 if !st.reported.insert(r.path.clone()) {
                     continue;
@@ -564,7 +557,7 @@ impl Builds {
                 return;
             };
             let key = loop {
-                let next = self.state.lock().unwrap().queue.pop_front();
+                let next = self.state.lock().queue.pop_front();
                 match next {
                     Some(k) => break k,
                     None => self.wake.notified().await,
@@ -584,7 +577,7 @@ impl Builds {
 
     fn update(&self, key: &Key, f: impl FnOnce(&mut BuildRecord)) -> Option<BuildRecord> {
         let rec = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let rec = st.records.get_mut(key)?;
             f(rec);
             rec.clone()
