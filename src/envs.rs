@@ -496,7 +496,12 @@ impl Envs {
         }
         let held = self.engine.held_chain_ids().await?;
         let skip = held_prefix(&m.chain_ids(), &held);
-        let needed: u64 = m.layers[skip..].iter().map(|l| l.size).sum();
+        let needed = m
+            .layers
+            .get(skip..)
+            .unwrap_or_default()
+            .iter()
+            .fold(0u64, |t, l| t.saturating_add(l.size));
         self.update(id, |r| {
             r.load.layers_cached = skip;
             r.load.bytes_needed = needed;

@@ -152,6 +152,15 @@ pub struct ExtendRequest {
     pub by: String,
 }
 
+/// Upper bounds on what a request may ask for, checked before any
+/// arithmetic (the admission ledger sums memory and AIO).
+pub const MAX_MEMORY: u64 = 1 << 50; // 1 PiB
+pub const MAX_AIO: u64 = 1 << 32;
+pub const MAX_ENV_VARS: usize = 256;
+pub const MAX_ENV_NAME_LEN: usize = 256;
+pub const MAX_ENV_VALUE_LEN: usize = 32 << 10;
+pub const MAX_CONSTRAINTS: usize = 32;
+
 /// A request that failed a check: the message and the field it names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -227,11 +236,20 @@ impl EnvRequest {
                 ),
             ));
         }
+        if memory > MAX_MEMORY {
+            return Err(FieldError::new(
+                "memory",
+                format!("must be at most {}", crate::units::format_size(MAX_MEMORY)),
+            ));
+        }
         // Docker refuses limits under 6 MiB.
         if memory < 6 << 20 {
             return Err(FieldError::new("memory", "must be at least 6MiB"));
         }
         let aio = self.aio.unwrap_or(req.aio);
+        if aio > MAX_AIO {
+            return Err(FieldError::new("aio", format!("must be at most {MAX_AIO}")));
+        }
         if aio < req.aio {
             return Err(FieldError::new(
                 "aio",
@@ -239,7 +257,31 @@ impl EnvRequest {
             ));
         }
         let env = self.env.clone().unwrap_or_default();
+        if env.len() > MAX_ENV_VARS {
+            return Err(FieldError::new(
+                "env",
+                format!("at most {MAX_ENV_VARS} variables"),
+            ));
+        }
+        if self
+            .constraints
+            .as_ref()
+            .is_some_and(|c| c.len() > MAX_CONSTRAINTS)
+        {
+            return Err(FieldError::new(
+                "constraints",
+                format!("at most {MAX_CONSTRAINTS} labels"),
+            ));
+        }
         for (k, v) in &env {
+            if k.len() > MAX_ENV_NAME_LEN || v.len() > MAX_ENV_VALUE_LEN {
+                return Err(FieldError::new(
+                    "env",
+                    format!(
+                        "names are at most {MAX_ENV_NAME_LEN} bytes, values {MAX_ENV_VALUE_LEN}"
+                    ),
+                ));
+            }
             let ok = !k.is_empty()
                 && !k.as_bytes()[0].is_ascii_digit()
                 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
@@ -432,11 +474,54 @@ mod tests {
             r.ttl = Some(t.into());
             assert_eq!(bad(r), "ttl", "{t}");
         }
+        assert_eq!(bad(req(Some("2PiB".into()), None)), "memory");
+        assert_eq!(bad(req(Some(u64::MAX.into()), None)), "memory");
+        assert_eq!(bad(req(None, Some(u64::MAX))), "aio");
+        let mut r = req(None, None);
+        r.env = Some((0..300).map(|i| (format!("V{i}"), String::new())).collect());
+        assert_eq!(bad(r), "env");
+        let mut r = req(None, None);
+        r.ttl = Some("99999999999h".into());
+        assert_eq!(bad(r), "ttl");
         // No memory label: the node's default applies.
         let none = Requirements::default();
         assert_eq!(
             req(None, None).check(&none, 256 << 20).unwrap().memory,
             256 << 20
         );
+    }
+
+    proptest::proptest! {
+        /// Any request is checked into a bounded spec or refused naming a
+        /// field; nothing panics.
+        #[test]
+        fn any_request_is_checked_or_refused(
+            image in "\\PC{0,30}",
+            owner in "\\PC{0,30}",
+            memory in proptest::option::of(proptest::prelude::any::<u64>()),
+            mem_text in proptest::option::of("[0-9.]{0,25}[a-zA-Z]{0,3}"),
+            aio in proptest::option::of(proptest::prelude::any::<u64>()),
+            env in proptest::collection::btree_map("\\PC{0,10}", "\\PC{0,10}", 0..4),
+            ttl in proptest::option::of("[0-9]{0,22}[smhdx]{0,2}"),
+            floor in proptest::prelude::any::<u64>(),
+        ) {
+            let r = EnvRequest {
+                image,
+                owner,
+                memory: mem_text.map(Into::into).or(memory.map(Into::into)),
+                aio,
+                env: Some(env),
+                constraints: None,
+                ttl,
+            };
+            let image = Requirements { memory: Some(floor), aio: 0 };
+            match r.check(&image, 256 << 20) {
+                Ok(spec) => {
+                    proptest::prop_assert!(spec.memory <= MAX_MEMORY && spec.aio <= MAX_AIO);
+                    proptest::prop_assert!(spec.ttl.is_none_or(|t| t <= crate::units::MAX_DURATION));
+                }
+                Err(e) => proptest::prop_assert!(!e.field.is_empty()),
+            }
+        }
     }
 }

@@ -59,6 +59,43 @@ pub const DEFAULT_LOAD_BPS: u64 = 100_000_000;
 /// How long a node-to-node call may take before the next candidate.
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// At most this many peer calls of one fan-out (a cluster-wide list, an
+/// unknown id asked of everyone) are in flight at once...
+pub const FANOUT_CONCURRENCY: usize = 16;
+
+/// ...and a whole fan-out ends by this deadline: a peer that has not
+/// answered by then counts as not answering.
+pub const FANOUT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs peer calls with bounded concurrency and one deadline for all;
+/// results in the order of `calls`, `None` for a call cut by the deadline.
+pub async fn fan_out<T, F>(calls: Vec<F>) -> Vec<Option<T>>
+where
+    F: std::future::Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + FANOUT_DEADLINE;
+    let permits = tokio::sync::Semaphore::new(FANOUT_CONCURRENCY);
+    let bounded: Vec<_> = calls
+        .into_iter()
+        .map(|c| bounded_call(&permits, deadline, c))
+        .collect();
+    futures::future::join_all(bounded).await
+}
+
+async fn bounded_call<F: std::future::Future>(
+    permits: &tokio::sync::Semaphore,
+    deadline: tokio::time::Instant,
+    call: F,
+) -> Option<F::Output> {
+    tokio::time::timeout_at(deadline, async {
+        let _permit = permits.acquire().await.ok()?;
+        Some(call.await)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// How often held layers are re-read from the engine.
 const LAYER_REFRESH: Duration = Duration::from_secs(10);
 
@@ -387,6 +424,10 @@ impl Cluster {
         suffix: &str,
         body: Option<Vec<u8>>,
     ) -> Option<Result<Forwarded, RouteError>> {
+        // An id from a client goes into a peer's URL: only well-formed ones.
+        if !crate::cluster::keys::valid_name(id) {
+            return None;
+        }
         let Some((node, summary)) = self.owner_of(id) else {
             return self.ask_everyone(method, id, suffix, body).await;
         };
@@ -445,12 +486,12 @@ impl Cluster {
         let asks = peers
             .iter()
             .map(|c| c.send_raw(hyper::Method::GET, &path, None));
-        let found = futures::future::join_all(asks)
+        let found = fan_out(asks.collect())
             .await
             .into_iter()
             .zip(&peers)
             .find_map(|(r, c)| match r {
-                Ok((StatusCode::OK, body)) => Some((c.clone(), body)),
+                Some(Ok((StatusCode::OK, body))) => Some((c.clone(), body)),
                 _ => None,
             });
         let (client, body) = found?;
@@ -479,44 +520,52 @@ impl Cluster {
     pub async fn all_envs(&self) -> Vec<EnvRecord> {
         let mut out = self.envs.list();
         let view = self.view();
-        let calls = view
-            .nodes
-            .iter()
-            .filter(|n| !n.is_self)
-            .map(|n| async move {
-                let from_gossip = |status: Option<EnvStatus>| -> Vec<EnvRecord> {
-                    n.facts
-                        .iter()
-                        .flat_map(|f| f.envs.values())
-                        .map(|s| {
-                            let mut r = lost_record(&n.name, s);
-                            if let Some(st) = status {
-                                r.status = st;
-                            } else if let Ok(st) =
-                                serde_json::from_value(serde_json::Value::String(s.status.clone()))
-                            {
-                                r.status = st;
-                            }
-                            r
-                        })
-                        .collect()
-                };
-                if !n.alive || n.left {
-                    return from_gossip(Some(EnvStatus::Lost));
+        let others: Vec<_> = view.nodes.iter().filter(|n| !n.is_self).collect();
+        let calls = others.iter().map(|n| async move {
+            let from_gossip = |status: Option<EnvStatus>| -> Vec<EnvRecord> {
+                n.facts
+                    .iter()
+                    .flat_map(|f| f.envs.values())
+                    .map(|s| {
+                        let mut r = lost_record(&n.name, s);
+                        if let Some(st) = status {
+                            r.status = st;
+                        } else if let Ok(st) =
+                            serde_json::from_value(serde_json::Value::String(s.status.clone()))
+                        {
+                            r.status = st;
+                        }
+                        r
+                    })
+                    .collect()
+            };
+            if !n.alive || n.left {
+                return from_gossip(Some(EnvStatus::Lost));
+            }
+            let Some(client) = self.peer(n) else {
+                return Vec::new();
+            };
+            match client.get::<Vec<EnvRecord>>("/v1/environments").await {
+                Ok(list) => list,
+                Err(e) => {
+                    warn!(node = %n.name, error = %e, "node did not list its environments");
+                    from_gossip(None)
                 }
-                let Some(client) = self.peer(n) else {
-                    return Vec::new();
-                };
-                match client.get::<Vec<EnvRecord>>("/v1/environments").await {
-                    Ok(list) => list,
-                    Err(e) => {
-                        warn!(node = %n.name, error = %e, "node did not list its environments");
-                        from_gossip(None)
-                    }
+            }
+        });
+        for (list, n) in fan_out(calls.collect()).await.into_iter().zip(&others) {
+            match list {
+                Some(list) => out.extend(list),
+                None => {
+                    warn!(node = %n.name, "node did not list its environments in time");
+                    out.extend(
+                        n.facts
+                            .iter()
+                            .flat_map(|f| f.envs.values())
+                            .map(|s| lost_record(&n.name, s)),
+                    );
                 }
-            });
-        for list in futures::future::join_all(calls).await {
-            out.extend(list);
+            }
         }
         out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
         out

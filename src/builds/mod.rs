@@ -322,7 +322,11 @@ impl Builds {
                     }
                 }
             });
-        for l in futures::future::join_all(calls).await {
+        for l in crate::routing::fan_out(calls.collect())
+            .await
+            .into_iter()
+            .flatten()
+        {
             out.extend(l);
         }
         sort_records(&mut out);

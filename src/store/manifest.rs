@@ -243,12 +243,16 @@ impl Manifest {
 
     /// Uncompressed bytes of all layers.
     pub fn size(&self) -> u64 {
-        self.layers.iter().map(|l| l.size).sum()
+        self.layers
+            .iter()
+            .fold(0u64, |t, l| t.saturating_add(l.size))
     }
 
     /// Bytes of all layer files in the store.
     pub fn compressed_size(&self) -> u64 {
-        self.layers.iter().map(|l| l.compressed_size).sum()
+        self.layers
+            .iter()
+            .fold(0u64, |t, l| t.saturating_add(l.compressed_size))
     }
 
     pub fn chain_ids(&self) -> Vec<Digest> {

@@ -91,9 +91,10 @@ async fn ask_peers(s: &AppState, id: &str) -> Option<String> {
             }
         }
     });
-    futures::future::join_all(asks)
+    crate::routing::fan_out(asks.collect())
         .await
         .into_iter()
+        .flatten()
         .flatten()
         .next()
 }
