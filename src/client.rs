@@ -122,6 +122,7 @@ impl Client {
                 field: None,
                 resource: None,
                 reasons: Vec::new(),
+                request_id: None,
             });
             return Err(ClientError::Api { status, body });
         }
@@ -168,6 +169,7 @@ impl Client {
                 field: None,
                 resource: None,
                 reasons: Vec::new(),
+                request_id: None,
             });
             return Err(ClientError::Api { status, body });
         }

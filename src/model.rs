@@ -402,6 +402,10 @@ pub struct ErrorBody {
     /// For refusals by the cluster: each node and why it could not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<NodeReason>,
+    /// The request id (also in the `x-request-id` header): the node's log
+    /// has the details of this answer under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Why one node could not take a request.
