@@ -49,7 +49,10 @@ use tracing::{info, warn, Instrument};
 
 use crate::docker::EngineInfo;
 use crate::envs::{EnvError, Envs};
-use crate::model::{EnvRequest, ErrorBody, FieldError, ImageInfo, NodeInfo, PublishRequest};
+use crate::model::{
+    EnvRecord, EnvRequest, ErrorBody, ExtendRequest, FieldError, ImageInfo, NodeInfo,
+    PublishRequest,
+};
 use crate::routing::{Cluster, Forwarded, RouteError, DEADLINE_HEADER, LOCAL_HEADER};
 use crate::store::{ImageRef, PublishHint, StoreError};
 
@@ -83,20 +86,21 @@ pub struct AppState {
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub body: ErrorBody,
+    /// Boxed: keeps `Result<_, ApiError>` small.
+    pub body: Box<ErrorBody>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, error: impl Into<String>) -> ApiError {
         ApiError {
             status,
-            body: ErrorBody {
+            body: Box::new(ErrorBody {
                 error: error.into(),
                 field: None,
                 resource: None,
                 reasons: Vec::new(),
                 request_id: None,
-            },
+            }),
         }
     }
 
@@ -109,7 +113,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        (self.status, Json(*self.body)).into_response()
     }
 }
 
@@ -202,17 +206,15 @@ fn field_in_message(msg: &str) -> Option<String> {
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/node", get(node))
         .route("/v1/images", get(list_images).post(publish))
         .route("/v1/images/{image}", get(get_image))
         .route("/v1/environments", get(list_envs).post(create_env))
         .route("/v1/environments/{id}", get(get_env).delete(delete_env))
         .route("/v1/cluster", get(cluster))
-        .route(
-            "/v1/workers",
-            get(|State(s): State<Arc<AppState>>| async move { Json(s.workers.list()) }),
-        )
+        .route("/v1/workers", get(workers))
         .route("/v1/placement", axum::routing::post(placement))
         // Build watcher (builds/).
         .route("/v1/builds", get(list_builds))
@@ -311,10 +313,12 @@ async fn guard(
 /// replaces the message by [`public_error`] after logging it.
 async fn with_request_id(resp: Response, id: &str) -> Response {
     let status = resp.status();
-    let json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let ct = resp.headers().get(header::CONTENT_TYPE);
+    // axum's own rejections (a path that is not valid text...) are plain
+    // text: they become the JSON error body too.
+    let json = ct.is_none_or(|v| {
+        v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/plain")
+    });
     let hide = matches!(
         status,
         StatusCode::INTERNAL_SERVER_ERROR | StatusCode::BAD_GATEWAY
@@ -365,6 +369,15 @@ async fn body_bytes(req: axum::extract::Request) -> Result<Bytes, ApiError> {
         })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/node",
+    responses(
+        (status = 200, description = "this node's facts and limits", body = NodeInfo),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError> {
     let envs = &s.envs;
     let cap = envs.capacity()?;
@@ -390,6 +403,15 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/images",
+    responses(
+        (status = 200, description = "published builds, newest first", body = Vec<ImageInfo>),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn list_images(State(s): State<Arc<AppState>>) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     let store = s.envs.store().clone();
     let list = blocking(move || store.list()).await??;
@@ -411,6 +433,18 @@ fn parse_ref(field: &str, s: &str) -> Result<ImageRef, ApiError> {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/images/{image}",
+    params(("image" = String, Path, description = "`name:build`")),
+    responses(
+        (status = 200, description = "one published build", body = ImageInfo),
+        (status = 400, description = "not a `name:build` reference", body = ErrorBody),
+        (status = 404, description = "not published", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn get_image(
     State(s): State<Arc<AppState>>,
     Path(image): Path<String>,
@@ -421,6 +455,23 @@ async fn get_image(
     Ok(Json(ImageInfo::from(&m)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/images",
+    request_body = PublishRequest,
+    responses(
+        (status = 200, description = "published again (it already was)", body = ImageInfo),
+        (status = 201, description = "published", body = ImageInfo),
+        (status = 400, description = "malformed request; `field` names what is wrong", body = ErrorBody),
+        (status = 404, description = "`source` is not in this node's engine", body = ErrorBody),
+        (status = 409, description = "`ref` is published with other content", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "the engine's archive is unreadable", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 502, description = "the engine or the owning node did not answer as expected (generic message)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn publish(
     State(s): State<Arc<AppState>>,
     req: axum::extract::Request,
@@ -526,6 +577,20 @@ async fn env_request(
     Ok((body, req, manifest, spec))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/environments",
+    request_body = EnvRequest,
+    responses(
+        (status = 202, description = "accepted; `Location` names the new environment", body = EnvRecord),
+        (status = 400, description = "malformed request; `field` names what is wrong", body = ErrorBody),
+        (status = 404, description = "the image is not published", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 502, description = "the engine or the owning node did not answer as expected (generic message)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn create_env(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -569,6 +634,14 @@ async fn create_env(
         .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/environments",
+    responses(
+        (status = 200, description = "every environment of the cluster (with `x-shoal-local`: of this node)", body = Vec<EnvRecord>),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn list_envs(State(s): State<Arc<AppState>>, headers: HeaderMap) -> impl IntoResponse {
     if is_local(&headers) {
         Json(s.envs.list())
@@ -577,6 +650,18 @@ async fn list_envs(State(s): State<Arc<AppState>>, headers: HeaderMap) -> impl I
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/environments/{id}",
+    params(("id" = String, Path, description = "environment id")),
+    responses(
+        (status = 200, description = "the environment (`lost` when its node is unreachable)", body = EnvRecord),
+        (status = 400, description = "the id is not valid text", body = ErrorBody),
+        (status = 404, description = "no such environment", body = ErrorBody),
+        (status = 502, description = "the engine or the owning node did not answer as expected (generic message)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn get_env(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -597,6 +682,19 @@ async fn get_env(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/environments/{id}",
+    params(("id" = String, Path, description = "environment id")),
+    responses(
+        (status = 200, description = "removed: the last record, status `deleted`", body = EnvRecord),
+        (status = 400, description = "the id is not valid text", body = ErrorBody),
+        (status = 404, description = "no such environment", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 502, description = "the engine or the owning node did not answer as expected (generic message)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn delete_env(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -612,6 +710,21 @@ async fn delete_env(
 }
 
 /// `POST /v1/environments/{id}/extend`, on the owner.
+#[utoipa::path(
+    post,
+    path = "/v1/environments/{id}/extend",
+    params(("id" = String, Path, description = "environment id")), request_body = ExtendRequest,
+    responses(
+        (status = 200, description = "the new expiry", body = EnvRecord),
+        (status = 400, description = "malformed request; `field` names what is wrong", body = ErrorBody),
+        (status = 404, description = "no such environment", body = ErrorBody),
+        (status = 409, description = "past `max_ttl` from now", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 502, description = "the engine or the owning node did not answer as expected (generic message)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn extend_env(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -639,11 +752,73 @@ pub fn extend_local(envs: &Envs, id: &str, body: &[u8]) -> Result<Response, ApiE
     Ok(Json(envs.extend(id, by)?).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/workers",
+    responses(
+        (status = 200, description = "this node's background workers and how each ended", body = Vec<Object>),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
+async fn workers(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(s.workers.list())
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    responses(
+        (status = 200, description = "the node serves", body = String, content_type = "text/plain"),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `GET /v1/openapi.json`: the document of this API (`openapi.rs`).
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    responses(
+        (status = 200, description = "this document (OpenAPI 3)", body = Object),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document_json(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/cluster",
+    responses(
+        (status = 200, description = "every node this node knows, alive or dead", body = Object),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn cluster(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     Json(s.cluster.view_now().await)
 }
 
 /// `POST /v1/placement`: the ranking and every refusal, placing nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/placement",
+    request_body = EnvRequest,
+    responses(
+        (status = 200, description = "the ranking and every node left out, with why (places nothing)", body = Object),
+        (status = 400, description = "malformed request; `field` names what is wrong", body = ErrorBody),
+        (status = 404, description = "the image is not published", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn placement(
     State(s): State<Arc<AppState>>,
     req: axum::extract::Request,
@@ -692,6 +867,14 @@ async fn placement(
 
 /// `GET /v1/builds`: this node's builds, and (unless the call is local)
 /// every live build node's.
+#[utoipa::path(
+    get,
+    path = "/v1/builds",
+    responses(
+        (status = 200, description = "every build the build nodes know", body = Vec<Object>),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn list_builds(State(s): State<Arc<AppState>>, headers: HeaderMap) -> impl IntoResponse {
     if is_local(&headers) {
         Json(s.builds.list())
@@ -702,6 +885,17 @@ async fn list_builds(State(s): State<Arc<AppState>>, headers: HeaderMap) -> impl
 
 /// `GET /v1/builds/{product}/{build}/log`: the log, from the build node
 /// that has the build.
+#[utoipa::path(
+    get,
+    path = "/v1/builds/{product}/{build}/log",
+    params(("product" = String, Path), ("build" = String, Path)),
+    responses(
+        (status = 200, description = "the build's log", body = String, content_type = "text/plain"),
+        (status = 400, description = "the path is not valid text", body = ErrorBody),
+        (status = 404, description = "no build node has the build", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn build_log(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,

@@ -18,6 +18,7 @@ pub mod envs;
 pub mod host;
 pub mod mail;
 pub mod model;
+pub mod openapi;
 pub mod placement;
 pub mod reaper;
 pub mod routing;

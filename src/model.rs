@@ -7,12 +7,13 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 
 use crate::store::{ImageRef, Manifest, Requirements};
 use crate::units::parse_size;
 
 /// Where an environment is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EnvStatus {
     /// Accepted and room reserved; nothing done yet.
@@ -60,7 +61,7 @@ impl fmt::Display for EnvStatus {
 }
 
 /// Where one exposed port of an environment answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Endpoint {
     /// The port inside the container (`EXPOSE`).
     pub port: u16,
@@ -75,7 +76,7 @@ impl fmt::Display for Endpoint {
 }
 
 /// How far loading the image has come.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LoadProgress {
     /// Layers in the image.
     pub layers_total: usize,
@@ -88,9 +89,11 @@ pub struct LoadProgress {
 }
 
 /// An environment: one container started from a published build.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct EnvRecord {
     pub id: String,
+    /// `name:build`.
+    #[schema(value_type = String)]
     pub image: ImageRef,
     pub owner: String,
     /// The node it runs on (and that alone changes it).
@@ -123,13 +126,14 @@ pub struct EnvRecord {
 }
 
 /// `POST /v1/environments`, as sent. Checked into an [`EnvSpec`].
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnvRequest {
     pub image: String,
     pub owner: String,
     /// Bytes (a number) or a size string (`"512MiB"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<MemoryValue>)]
     pub memory: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aio: Option<u64>,
@@ -144,9 +148,17 @@ pub struct EnvRequest {
     pub ttl: Option<String>,
 }
 
+/// A memory amount: bytes, or a size string (`"512MiB"`, `"32GiB"`).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum MemoryValue {
+    Bytes(u64),
+    Size(String),
+}
+
 /// `POST /v1/environments/{id}/extend`: push the expiry back by `by`
 /// (`"4h"`), never past `max_ttl` from now.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtendRequest {
     pub by: String,
@@ -321,7 +333,7 @@ impl EnvRequest {
 }
 
 /// `POST /v1/images`: publish an image of the local engine as `name:build`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PublishRequest {
     /// The image in this node's engine (tag or id).
@@ -332,7 +344,7 @@ pub struct PublishRequest {
 }
 
 /// A published build, as `GET /v1/images` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageInfo {
     pub name: String,
     pub build: String,
@@ -370,7 +382,7 @@ impl From<&Manifest> for ImageInfo {
 }
 
 /// What `GET /v1/node` says about this node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct NodeInfo {
     pub name: String,
     pub version: String,
@@ -391,7 +403,7 @@ pub struct NodeInfo {
 }
 
 /// The body of every error answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -409,7 +421,7 @@ pub struct ErrorBody {
 }
 
 /// Why one node could not take a request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NodeReason {
     pub node: String,
     pub reason: String,

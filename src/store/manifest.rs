@@ -99,7 +99,7 @@ impl<'de> Deserialize<'de> for ImageRef {
 }
 
 /// What an environment of the image needs at least, from its labels.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Requirements {
     /// Bytes of memory (`shoal.memory`); `None` when the image does not say.
     pub memory: Option<u64>,
