@@ -21,7 +21,7 @@
 //! - `GET  /v1/environments/{id}/events` server-sent events (`web/sse.rs`)
 //! - the web page at `/` (`web/`)
 //!
-//! Every request passes [`guard`]: it gets a request id (`x-request-id`,
+//! Every request passes [`guard`] (`api/guard.rs`): it gets a request id (`x-request-id`,
 //! kept when the caller sent one, answered in the header and in every JSON
 //! error body), a place among at most [`MAX_IN_FLIGHT`] requests in flight
 //! (else 503 `resource: "requests"`), and a deadline ([`REQUEST_TIMEOUT`];
@@ -35,7 +35,6 @@
 //! the `x-shoal-local` header is served by this node alone.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -44,8 +43,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
 use crate::docker::EngineInfo;
 use crate::envs::{EnvError, Envs};
@@ -56,21 +54,12 @@ use crate::model::{
 use crate::routing::{Cluster, Forwarded, RouteError, DEADLINE_HEADER, LOCAL_HEADER};
 use crate::store::{ImageRef, PublishHint, StoreError};
 
+pub mod guard;
+
+pub use guard::{public_error, MAX_IN_FLIGHT, PUBLISH_TIMEOUT, REQUEST_ID_HEADER, REQUEST_TIMEOUT};
+
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
-
-/// The longest an ordinary request may take to be answered.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Publishing streams a whole image into the store: its own, longer bound.
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(3600);
-
-/// Requests this node works on at once; more are answered 503 at once
-/// (load shedding) rather than queued.
-pub const MAX_IN_FLIGHT: usize = 256;
-
-/// The header that carries the request id.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Shared by every handler.
 pub struct AppState {
@@ -205,7 +194,7 @@ fn field_in_message(msg: &str) -> Option<String> {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let r = Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/node", get(node))
@@ -232,129 +221,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
-            guard,
-        ))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-            |_: Box<dyn std::any::Any + Send>| {
-                // The guard logs it with the request id.
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "handler panicked").into_response()
-            },
-        ))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-}
-
-/// What a client is told for a 500 or 502: nothing about paths, the
-/// engine or peers (that is in the log, under the request id).
-pub fn public_error(status: StatusCode, error: &str) -> String {
-    match status {
-        StatusCode::INTERNAL_SERVER_ERROR => "internal error; the node's log has the details".into(),
-        StatusCode::BAD_GATEWAY => {
-            "the container engine or another node did not answer as expected; the node's log has the details"
-                .into()
-        }
-        _ => error.to_string(),
-    }
-}
-
-/// Request id, in-flight limit, deadline and error hygiene for every
-/// request (see the module header).
-async fn guard(
-    State(permits): State<Arc<tokio::sync::Semaphore>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let id = req
-        .headers()
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
-    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
-    async move {
-        // Held until the answer's head is ready (an event stream's body
-        // then flows without holding a place).
-        let Ok(_permit) = permits.try_acquire() else {
-            warn!("too many requests in flight, shed");
-            let mut e = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("this node is busy with {MAX_IN_FLIGHT} requests; retry shortly"),
-            );
-            e.body.resource = Some("requests".into());
-            return with_request_id(e.into_response(), &id).await;
-        };
-        let limit = if req.method() == hyper::Method::POST && req.uri().path() == "/v1/images" {
-            PUBLISH_TIMEOUT
-        } else {
-            REQUEST_TIMEOUT
-        };
-        let resp = match tokio::time::timeout(limit, next.run(req)).await {
-            Ok(resp) => resp,
-            Err(_) => {
-                warn!(timeout_secs = limit.as_secs(), "request timed out");
-                let mut e = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("no answer within {}s", limit.as_secs()),
-                );
-                e.body.resource = Some("timeout".into());
-                e.into_response()
-            }
-        };
-        with_request_id(resp, &id).await
-    }
-    .instrument(span)
-    .await
-}
-
-/// Adds the request id to a JSON error body and, for a 500 or 502,
-/// replaces the message by [`public_error`] after logging it.
-async fn with_request_id(resp: Response, id: &str) -> Response {
-    let status = resp.status();
-    let ct = resp.headers().get(header::CONTENT_TYPE);
-    // axum's own rejections (a path that is not valid text...) are plain
-    // text: they become the JSON error body too.
-    let json = ct.is_none_or(|v| {
-        v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/plain")
-    });
-    let hide = matches!(
-        status,
-        StatusCode::INTERNAL_SERVER_ERROR | StatusCode::BAD_GATEWAY
-    );
-    if !(status.is_client_error() || status.is_server_error()) || !(json || hide) {
-        return resp;
-    }
-    let (mut parts, body) = resp.into_parts();
-    let bytes = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .unwrap_or_default();
-    let mut err: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_else(|_| ErrorBody {
-        error: String::from_utf8_lossy(&bytes).into_owned(),
-        field: None,
-        resource: None,
-        reasons: Vec::new(),
-        request_id: None,
-    });
-    if hide {
-        warn!(status = status.as_u16(), error = %err.error, "request failed");
-        err = ErrorBody {
-            error: public_error(status, &err.error),
-            field: None,
-            resource: None,
-            reasons: Vec::new(),
-            request_id: None,
-        };
-    }
-    err.request_id = Some(id.to_string());
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    let body = serde_json::to_vec(&err).unwrap_or_default();
-    Response::from_parts(parts, axum::body::Body::from(body))
+        .with_state(state);
+    guard::guarded(r, MAX_IN_FLIGHT)
 }
 
 /// The body as bytes, with the size limit answered in JSON.
