@@ -19,6 +19,8 @@
 //! - `GET  /v1/builds/{product}/{build}/log`  a build's log (text)
 //! - `POST /v1/environments/{id}/extend` push its expiry back (`{"by": "4h"}`)
 //! - `GET  /v1/environments/{id}/events` server-sent events (`web/sse.rs`)
+//! - `GET  /v1/openapi.json`          this API's OpenAPI 3 document (`openapi.rs`)
+//! - `GET  /healthz`                  `ok`
 //! - the web page at `/` (`web/`)
 //!
 //! Every request passes [`guard`] (`api/guard.rs`): it gets a request id (`x-request-id`,
