@@ -21,7 +21,7 @@ pub enum ClientError {
     Unreachable { url: String, message: String },
     #[error("{url} timed out")]
     Timeout { url: String },
-    #[error("{status}: {}{}", body.error, body.field.as_ref().map(|f| format!(" (field `{f}`)")).unwrap_or_default())]
+    #[error("{status}: {}{}{}", body.error, body.field.as_ref().map(|f| format!(" (field `{f}`)")).unwrap_or_default(), body.request_id.as_ref().map(|r| format!(" [request {r}]")).unwrap_or_default())]
     Api { status: StatusCode, body: ErrorBody },
     #[error("unexpected answer from {url}: {message}")]
     Decode { url: String, message: String },
