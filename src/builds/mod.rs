@@ -344,16 +344,24 @@ impl Builds {
             return Some(l);
         }
         let path = format!("/v1/builds/{product}/{build}/log");
-        for (name, client) in build_peers(cluster) {
-            match client.send_raw(hyper::Method::GET, &path, None).await {
-                Ok((status, body)) if status.is_success() => {
-                    return Some(String::from_utf8_lossy(&body).into_owned())
+        let ask = async {
+            for (name, client) in build_peers(cluster) {
+                match client.send_raw(hyper::Method::GET, &path, None).await {
+                    Ok((status, body)) if status.is_success() => {
+                        return Some(String::from_utf8_lossy(&body).into_owned())
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(node = %name, error = %e, "build node did not answer"),
                 }
-                Ok(_) => {}
-                Err(e) => warn!(node = %name, error = %e, "build node did not answer"),
             }
-        }
-        None
+            None
+        };
+        // One by one (the first that has it answers), within the fan-out
+        // deadline however many build nodes there are.
+        tokio::time::timeout(crate::routing::FANOUT_DEADLINE, ask)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Starts the workers: the watcher and runner on a build node, the
