@@ -27,6 +27,13 @@ pub enum ClientError {
     Decode { url: String, message: String },
 }
 
+tokio::task_local! {
+    /// The id of the API request this task serves (set by the daemon's
+    /// request guard): node-to-node calls made while serving it carry it
+    /// on, so every node logs that request under the same id.
+    pub static REQUEST_ID: String;
+}
+
 /// A client for one node's API.
 #[derive(Clone)]
 pub struct Client {
@@ -76,6 +83,9 @@ impl Client {
         }
         for (k, v) in &self.headers {
             req = req.header(k.as_str(), v.as_str());
+        }
+        if let Ok(id) = REQUEST_ID.try_with(|id| id.clone()) {
+            req = req.header("x-request-id", id);
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))

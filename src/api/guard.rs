@@ -93,7 +93,8 @@ async fn guard(
         } else {
             REQUEST_TIMEOUT
         };
-        let resp = match tokio::time::timeout(limit, next.run(req)).await {
+        let served = crate::client::REQUEST_ID.scope(id.clone(), next.run(req));
+        let resp = match tokio::time::timeout(limit, served).await {
             Ok(resp) => resp,
             Err(_) => {
                 warn!(timeout_secs = limit.as_secs(), "request timed out");
@@ -225,6 +226,16 @@ mod tests {
                 }),
             )
             .route(
+                "/id",
+                get(|| async {
+                    // What a node-to-node call made here would send on.
+                    let id = crate::client::REQUEST_ID
+                        .try_with(|id| id.clone())
+                        .unwrap_or_default();
+                    ApiError::new(StatusCode::NOT_FOUND, id)
+                }),
+            )
+            .route(
                 "/bad",
                 get(|| async {
                     ApiError::field(StatusCode::BAD_REQUEST, "by", "`x` is not a duration")
@@ -285,6 +296,9 @@ mod tests {
         assert_eq!(body.error, "`x` is not a duration");
         assert_eq!(body.field.as_deref(), Some("by"));
         assert!(rid.is_some() && body.request_id == rid);
+        // Calls to peers made while serving carry the same id on.
+        let (_, rid, body) = call(&app, "/id").await;
+        assert_eq!(Some(body.error), rid);
         // The node keeps serving after a panic.
         assert_eq!(call(&app, "/bad").await.0, StatusCode::BAD_REQUEST);
     }
