@@ -81,12 +81,13 @@ impl Ledger {
     pub fn committed(&self) -> Committed {
         let mut c = Committed::default();
         for r in self.entries.values() {
-            c.memory += r.memory;
-            c.aio += r.aio;
+            // Saturating: restored reservations come from container labels.
+            c.memory = c.memory.saturating_add(r.memory);
+            c.aio = c.aio.saturating_add(r.aio);
             if r.started {
-                c.aio_started += r.aio;
+                c.aio_started = c.aio_started.saturating_add(r.aio);
             }
-            c.envs += 1;
+            c.envs = c.envs.saturating_add(1);
         }
         c
     }

@@ -19,7 +19,18 @@
 //! - `GET  /v1/builds/{product}/{build}/log`  a build's log (text)
 //! - `POST /v1/environments/{id}/extend` push its expiry back (`{"by": "4h"}`)
 //! - `GET  /v1/environments/{id}/events` server-sent events (`web/sse.rs`)
+//! - `GET  /v1/openapi.json`          this API's OpenAPI 3 document (`openapi.rs`)
+//! - `GET  /healthz`                  `ok`
 //! - the web page at `/` (`web/`)
+//!
+//! Every request passes [`guard`] (`api/guard.rs`): it gets a request id (`x-request-id`,
+//! kept when the caller sent one, answered in the header and in every JSON
+//! error body), a place among at most [`MAX_IN_FLIGHT`] requests in flight
+//! (else 503 `resource: "requests"`), and a deadline ([`REQUEST_TIMEOUT`];
+//! publishing has [`PUBLISH_TIMEOUT`], event streams none once they
+//! started). A 500 or 502 answers a generic message: what went wrong
+//! (paths, engine messages) goes to the log with the request id. A panic in
+//! a handler answers 500 and leaves the node serving.
 //!
 //! Environment calls reach the whole cluster: a request is placed on the
 //! best node, a read or delete goes to the owner (`routing.rs`). A call with
@@ -45,10 +56,17 @@ use tracing::{info, warn};
 
 use crate::docker::EngineInfo;
 use crate::envs::{EnvError, Envs};
-use crate::model::{EnvRequest, ErrorBody, FieldError, ImageInfo, NodeInfo, PublishRequest};
+use crate::model::{
+    EnvRecord, EnvRequest, ErrorBody, ExtendRequest, FieldError, ImageInfo, NodeInfo,
+    PublishRequest,
+};
 use crate::peer_auth::{self, Admission, PeerPolicy, Presented};
 use crate::routing::{Cluster, Forwarded, RouteError, BUDGET_HEADER, LOCAL_HEADER};
 use crate::store::{ImageRef, PublishHint, StoreError};
+
+pub mod guard;
+
+pub use guard::{public_error, MAX_IN_FLIGHT, PUBLISH_TIMEOUT, REQUEST_ID_HEADER, REQUEST_TIMEOUT};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
@@ -72,19 +90,21 @@ pub struct AppState {
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub body: ErrorBody,
+    /// Boxed: keeps `Result<_, ApiError>` small.
+    pub body: Box<ErrorBody>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, error: impl Into<String>) -> ApiError {
         ApiError {
             status,
-            body: ErrorBody {
+            body: Box::new(ErrorBody {
                 error: error.into(),
                 field: None,
                 resource: None,
                 reasons: Vec::new(),
-            },
+                request_id: None,
+            }),
         }
     }
 
@@ -97,7 +117,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        (self.status, Json(*self.body)).into_response()
     }
 }
 
@@ -328,18 +348,16 @@ async fn admit_call(
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let r = Router::new()
         .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/node", get(node))
         .route("/v1/images", get(list_images).post(publish))
         .route("/v1/images/{image}", get(get_image))
         .route("/v1/environments", get(list_envs).post(create_env))
         .route("/v1/environments/{id}", get(get_env).delete(delete_env))
         .route("/v1/cluster", get(cluster))
-        .route(
-            "/v1/workers",
-            get(|State(s): State<Arc<AppState>>| async move { Json(s.workers.list()) }),
-        )
+        .route("/v1/workers", get(workers))
         .route("/v1/placement", axum::routing::post(placement))
         // Build watcher (builds/).
         .route("/v1/builds", get(list_builds))
@@ -364,7 +382,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             },
             peer_gate,
         ))
-        .with_state(state)
+        .with_state(state);
+    guard::guarded(r, MAX_IN_FLIGHT)
 }
 
 /// The body as bytes, with the size limit answered in JSON.
@@ -379,6 +398,15 @@ async fn body_bytes(req: axum::extract::Request) -> Result<Bytes, ApiError> {
         })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/node",
+    responses(
+        (status = 200, description = "this node's facts and limits", body = NodeInfo),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError> {
     let envs = &s.envs;
     let cap = envs.capacity()?;
@@ -412,6 +440,14 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
 /// state lock free, store answers, gossip and every worker running, not
 /// draining); otherwise 503 with what is wrong. Cheap: the engine's state
 /// comes from its monitor, the store gets one stat at most per call.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    responses(
+        (status = 200, description = "the node can do its job: `{\"status\": \"ok\", \"problems\": [], \"engine\": …}`", body = Object),
+        (status = 503, description = "it cannot: `status` `unhealthy`, `error` (the first problem), every `problems[]` entry (`check`, `error`); or busy / timed out", body = Object),
+    )
+)]
 async fn healthz(State(s): State<Arc<AppState>>) -> Response {
     let inputs = crate::health::HealthInputs {
         engine: s.envs.engine_health(),
@@ -442,6 +478,15 @@ async fn healthz(State(s): State<Arc<AppState>>) -> Response {
 /// How long `/healthz` tries to take the state lock.
 const HEALTH_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+#[utoipa::path(
+    get,
+    path = "/v1/images",
+    responses(
+        (status = 200, description = "published builds, newest first", body = Vec<ImageInfo>),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), the store unavailable (`resource: store`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn list_images(State(s): State<Arc<AppState>>) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     let list = s.envs.store().call(|st| st.list()).await?;
     Ok(Json(list.iter().map(ImageInfo::from).collect()))
@@ -453,6 +498,18 @@ fn parse_ref(field: &str, s: &str) -> Result<ImageRef, ApiError> {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/images/{image}",
+    params(("image" = String, Path, description = "`name:build`")),
+    responses(
+        (status = 200, description = "one published build", body = ImageInfo),
+        (status = 400, description = "not a `name:build` reference", body = ErrorBody),
+        (status = 404, description = "not published", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn get_image(
     State(s): State<Arc<AppState>>,
     Path(image): Path<String>,
@@ -462,6 +519,23 @@ async fn get_image(
     Ok(Json(ImageInfo::from(&m)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/images",
+    request_body = PublishRequest,
+    responses(
+        (status = 200, description = "published again (it already was)", body = ImageInfo),
+        (status = 201, description = "published", body = ImageInfo),
+        (status = 400, description = "malformed request; `field` names what is wrong", body = ErrorBody),
+        (status = 404, description = "`source` is not in this node's engine", body = ErrorBody),
+        (status = 409, description = "`ref` is published with other content", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "the engine's archive is unreadable", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 502, description = "the engine or the owning node did not answer as expected (generic message)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn publish(
     State(s): State<Arc<AppState>>,
     req: axum::extract::Request,
@@ -562,6 +636,20 @@ async fn env_request(
     Ok((body, req, manifest, spec))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/environments",
+    request_body = EnvRequest,
+    responses(
+        (status = 202, description = "accepted; `Location` names the new environment", body = EnvRecord),
+        (status = 400, description = "malformed request; `field` names what is wrong", body = ErrorBody),
+        (status = 404, description = "the image is not published", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 502, description = "the engine or the owning node did not answer as expected (generic message)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn create_env(
     State(s): State<Arc<AppState>>,
     Local(local): Local,
@@ -613,6 +701,14 @@ async fn create_env(
         .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/environments",
+    responses(
+        (status = 200, description = "every environment of the cluster (with `x-shoal-local`: of this node)", body = Vec<EnvRecord>),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn list_envs(State(s): State<Arc<AppState>>, Local(local): Local) -> impl IntoResponse {
     if local {
         Json(s.envs.list())
@@ -621,6 +717,18 @@ async fn list_envs(State(s): State<Arc<AppState>>, Local(local): Local) -> impl 
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/environments/{id}",
+    params(("id" = String, Path, description = "environment id")),
+    responses(
+        (status = 200, description = "the environment (`lost` when its node is unreachable)", body = EnvRecord),
+        (status = 400, description = "the id is not valid text", body = ErrorBody),
+        (status = 404, description = "no such environment", body = ErrorBody),
+        (status = 502, description = "the engine or the owning node did not answer as expected (generic message)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn get_env(
     State(s): State<Arc<AppState>>,
     Local(local): Local,
@@ -641,6 +749,19 @@ async fn get_env(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/environments/{id}",
+    params(("id" = String, Path, description = "environment id")),
+    responses(
+        (status = 200, description = "removed: the last record, status `deleted`", body = EnvRecord),
+        (status = 400, description = "the id is not valid text", body = ErrorBody),
+        (status = 404, description = "no such environment", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 502, description = "the engine or the owning node did not answer as expected (generic message)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn delete_env(
     State(s): State<Arc<AppState>>,
     Local(local): Local,
@@ -656,6 +777,21 @@ async fn delete_env(
 }
 
 /// `POST /v1/environments/{id}/extend`, on the owner.
+#[utoipa::path(
+    post,
+    path = "/v1/environments/{id}/extend",
+    params(("id" = String, Path, description = "environment id")), request_body = ExtendRequest,
+    responses(
+        (status = 200, description = "the new expiry", body = EnvRecord),
+        (status = 400, description = "malformed request; `field` names what is wrong", body = ErrorBody),
+        (status = 404, description = "no such environment", body = ErrorBody),
+        (status = 409, description = "past `max_ttl` from now", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 502, description = "the engine or the owning node did not answer as expected (generic message)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn extend_env(
     State(s): State<Arc<AppState>>,
     Local(local): Local,
@@ -683,11 +819,61 @@ pub fn extend_local(envs: &Envs, id: &str, body: &[u8]) -> Result<Response, ApiE
     Ok(Json(envs.extend(id, by)?).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/workers",
+    responses(
+        (status = 200, description = "this node's background workers and how each ended", body = Vec<Object>),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
+async fn workers(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(s.workers.list())
+}
+
+/// `GET /v1/openapi.json`: the document of this API (`openapi.rs`).
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    responses(
+        (status = 200, description = "this document (OpenAPI 3)", body = Object),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document_json(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/cluster",
+    responses(
+        (status = 200, description = "every node this node knows, alive or dead", body = Object),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn cluster(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     Json(s.cluster.view_now().await)
 }
 
 /// `POST /v1/placement`: the ranking and every refusal, placing nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/placement",
+    request_body = EnvRequest,
+    responses(
+        (status = 200, description = "the ranking and every node left out, with why (places nothing)", body = Object),
+        (status = 400, description = "malformed request; `field` names what is wrong", body = ErrorBody),
+        (status = 404, description = "the image is not published", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn placement(
     State(s): State<Arc<AppState>>,
     req: axum::extract::Request,
@@ -736,6 +922,14 @@ async fn placement(
 
 /// `GET /v1/builds`: this node's builds, and (unless the call is local)
 /// every live build node's.
+#[utoipa::path(
+    get,
+    path = "/v1/builds",
+    responses(
+        (status = 200, description = "every build the build nodes know", body = Vec<Object>),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn list_builds(State(s): State<Arc<AppState>>, Local(local): Local) -> impl IntoResponse {
     if local {
         Json(s.builds.list())
@@ -746,6 +940,17 @@ async fn list_builds(State(s): State<Arc<AppState>>, Local(local): Local) -> imp
 
 /// `GET /v1/builds/{product}/{build}/log`: the log, from the build node
 /// that has the build.
+#[utoipa::path(
+    get,
+    path = "/v1/builds/{product}/{build}/log",
+    params(("product" = String, Path), ("build" = String, Path)),
+    responses(
+        (status = 200, description = "the build's log", body = String, content_type = "text/plain"),
+        (status = 400, description = "the path is not valid text", body = ErrorBody),
+        (status = 404, description = "no build node has the build", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 async fn build_log(
     State(s): State<Arc<AppState>>,
     Local(local): Local,

@@ -24,10 +24,17 @@ pub enum ClientError {
     Unreachable { url: String, message: String },
     #[error("{url} timed out")]
     Timeout { url: String },
-    #[error("{status}: {}{}", body.error, body.field.as_ref().map(|f| format!(" (field `{f}`)")).unwrap_or_default())]
+    #[error("{status}: {}{}{}", body.error, body.field.as_ref().map(|f| format!(" (field `{f}`)")).unwrap_or_default(), body.request_id.as_ref().map(|r| format!(" [request {r}]")).unwrap_or_default())]
     Api { status: StatusCode, body: ErrorBody },
     #[error("unexpected answer from {url}: {message}")]
     Decode { url: String, message: String },
+}
+
+tokio::task_local! {
+    /// The id of the API request this task serves (set by the daemon's
+    /// request guard): node-to-node calls made while serving it carry it
+    /// on, so every node logs that request under the same id.
+    pub static REQUEST_ID: String;
 }
 
 /// A client for one node's API.
@@ -113,6 +120,12 @@ impl Client {
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        if let Ok(id) = REQUEST_ID.try_with(|id| id.clone()) {
+            req = req.header("x-request-id", id);
+        }
         let body = Bytes::from(body.unwrap_or_default());
         let mut req = req
             .body(Full::new(body.clone()))
@@ -160,6 +173,7 @@ impl Client {
                 field: None,
                 resource: None,
                 reasons: Vec::new(),
+                request_id: None,
             });
             return Err(ClientError::Api { status, body });
         }
@@ -205,6 +219,7 @@ impl Client {
                 field: None,
                 resource: None,
                 reasons: Vec::new(),
+                request_id: None,
             });
             return Err(ClientError::Api { status, body });
         }

@@ -11,7 +11,7 @@
 //!   and tombstones of deleted ones. Every write carries a sequence number
 //!   taken under the state lock with its snapshot, so writes land in order
 //!   and none lands after a delete.
-//! - [`State`] (one `std::sync::Mutex`, never held across an `.await`) holds
+//! - [`State`] (one `parking_lot::Mutex`, never held across an `.await`) holds
 //!   the records and the admission [`Ledger`]: check-and-reserve happens
 //!   under that one lock, so two requests cannot both take the last slot.
 //!
@@ -31,10 +31,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
+use parking_lot::Mutex;
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -255,7 +256,7 @@ impl Envs {
             envs.spawn_task(&id, async move { me.await_ready_or_fail(&id2).await });
         }
         envs.journal.prune_tombstones(TOMBSTONE_KEEP);
-        let n = envs.state.lock().unwrap().envs.len();
+        let n = envs.state.lock().envs.len();
         info!(node = %envs.settings.name, environments = n, "environments recovered");
         Ok(envs)
     }
@@ -267,7 +268,7 @@ impl Envs {
         if rec.expires_at.is_none() {
             rec.expires_at = Some(now_s() + self.settings.default_ttl);
         }
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         if rec.status.holds_room() {
             st.ledger.restore(
                 &rec.id,
@@ -289,7 +290,7 @@ impl Envs {
 
     /// Installs fault-injection hooks (tests).
     pub fn set_faults(&self, faults: Faults) {
-        *self.faults.lock().unwrap() = faults;
+        *self.faults.lock() = faults;
     }
 
     pub fn settings(&self) -> &Settings {
@@ -317,7 +318,7 @@ impl Envs {
 
     /// Totals of the ledger: (memory, aio, envs holding room).
     pub fn committed(&self) -> crate::admission::Committed {
-        self.state.lock().unwrap().ledger.committed()
+        self.state.lock().ledger.committed()
     }
 
     /// Stops admitting new environments (shutdown).
@@ -368,18 +369,12 @@ impl Envs {
     }
 
     /// Whether the state lock can be taken within `within` (for
-    /// `/healthz`): a lock held that long, or poisoned, is a wedged node.
+    /// `/healthz`): a lock held that long is a wedged node (parking_lot: never poisoned).
     pub async fn state_lock_ok(&self, within: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             // The guard is dropped in this statement, before any await.
-            let held = match self.state.try_lock() {
-                Ok(_) => false,
-                Err(std::sync::TryLockError::Poisoned(_)) => {
-                    return Err("the state lock is poisoned (a panic while it was held)".into())
-                }
-                Err(std::sync::TryLockError::WouldBlock) => true,
-            };
+            let held = self.state.try_lock().is_none();
             if !held {
                 return Ok(());
             }
@@ -420,7 +415,7 @@ impl Envs {
 
     /// Environments still on their way to ready (pending, loading, starting).
     pub fn in_flight(&self) -> usize {
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock();
         st.envs
             .values()
             .filter(|r| {
@@ -433,7 +428,7 @@ impl Envs {
     }
 
     pub fn last_load_bps(&self) -> Option<u64> {
-        *self.last_load_bps.lock().unwrap()
+        *self.last_load_bps.lock()
     }
 
     /// Admits a checked request: reserves room (or refuses with the
@@ -488,7 +483,7 @@ impl Envs {
             expires_at: Some(expires_at),
         };
         let seq = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             st.ledger
                 .reserve(&id, spec.memory, spec.aio, &cap)
                 .map_err(|shortage| EnvError::Refused {
@@ -501,7 +496,7 @@ impl Envs {
         };
         self.notify();
         if let Err(e) = self.write_journal(&rec, seq) {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             st.ledger.release(&id);
             st.envs.remove(&id);
             return Err(e);
@@ -514,21 +509,21 @@ impl Envs {
     }
 
     pub fn list(&self) -> Vec<EnvRecord> {
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock();
         let mut v: Vec<EnvRecord> = st.envs.values().cloned().collect();
         v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
         v
     }
 
     pub fn get(&self, id: &str) -> Option<EnvRecord> {
-        self.state.lock().unwrap().envs.get(id).cloned()
+        self.state.lock().envs.get(id).cloned()
     }
 
     /// Pushes an environment's expiry back by `by`, never past `max_ttl`
     /// from now (the refusal names the limit). Journaled before it returns.
     pub fn extend(&self, id: &str, by: Duration) -> Result<EnvRecord, EnvError> {
         let (rec, seq) = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let rec = st
                 .envs
                 .get_mut(id)
@@ -576,7 +571,7 @@ impl Envs {
         // container could not be removed.
         self.engine_ready()?;
         let (rec, task) = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let rec = st
                 .envs
                 .get_mut(id)
@@ -608,7 +603,7 @@ impl Envs {
         self.remove_containers_of(id, rec.container.as_deref())
             .await?;
         {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             st.ledger.release(id);
             st.envs.remove(id);
         }
@@ -653,7 +648,7 @@ impl Envs {
         for (cid, env) in list {
             let Some(env) = env else { continue };
             let owned = {
-                let st = self.state.lock().unwrap();
+                let st = self.state.lock();
                 st.envs.get(&env).is_some_and(|r| {
                     r.status != EnvStatus::Failed || r.container.as_deref() == Some(cid.as_str())
                 })
@@ -687,7 +682,7 @@ impl Envs {
             return 0;
         }
         let ready: Vec<(String, Option<String>)> = {
-            let st = self.state.lock().unwrap();
+            let st = self.state.lock();
             st.envs
                 .values()
                 .filter(|r| r.status == EnvStatus::Ready)
@@ -725,7 +720,7 @@ impl Envs {
         }
         changed += self.sweep_orphans().await;
         let prune = {
-            let mut last = self.journal_pruned.lock().unwrap();
+            let mut last = self.journal_pruned.lock();
             let due = last.elapsed() > Duration::from_secs(3600);
             if due {
                 *last = Instant::now();
@@ -749,7 +744,7 @@ impl Envs {
         let me = self.clone();
         let id2 = id.to_string();
         let supervised = async move {
-            let hook = me.faults.lock().unwrap().in_task.clone();
+            let hook = me.faults.lock().in_task.clone();
             let (me2, id3) = (me.clone(), id2.clone());
             let work = async move {
                 if let (Some(hook), Some(rec)) = (hook, me2.get(&id3)) {
@@ -766,7 +761,7 @@ impl Envs {
                 me.finish(&id2, Err(format!("internal error: {msg}")));
             }
         };
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         if st
             .envs
             .get(id)
@@ -802,7 +797,6 @@ impl Envs {
         let lock = self
             .image_locks
             .lock()
-            .unwrap()
             .entry(m.image_ref())
             .or_default()
             .clone();
@@ -819,7 +813,12 @@ impl Envs {
         }
         let held = self.engine.held_chain_ids().await?;
         let skip = held_prefix(&m.chain_ids(), &held);
-        let needed: u64 = m.layers[skip..].iter().map(|l| l.size).sum();
+        let needed = m
+            .layers
+            .get(skip..)
+            .unwrap_or_default()
+            .iter()
+            .fold(0u64, |t, l| t.saturating_add(l.size));
         self.update(id, |r| {
             r.load.layers_cached = skip;
             r.load.bytes_needed = needed;
@@ -838,7 +837,7 @@ impl Envs {
         .await?;
         let secs = started.elapsed().as_secs_f64();
         if stats.bytes_sent > 16 << 20 && secs > 0.0 {
-            *self.last_load_bps.lock().unwrap() = Some((stats.bytes_sent as f64 / secs) as u64);
+            *self.last_load_bps.lock() = Some((stats.bytes_sent as f64 / secs) as u64);
         }
         self.update(id, |r| r.load.bytes_done = needed);
         info!(env = %id, image = %m.image_ref(), layers_sent = stats.layers_sent, bytes = stats.bytes_sent, secs = format!("{secs:.2}"), "image loaded");
@@ -888,7 +887,7 @@ impl Envs {
         };
         let cid = self.engine.run(&spec).await?;
         {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             st.ledger.mark_started(id);
         }
         self.update(id, |r| r.container = Some(cid.clone()));
@@ -990,7 +989,7 @@ impl Envs {
 
     /// Ends the drive of an environment: ready, or failed (freeing its room).
     fn finish(&self, id: &str, outcome: Result<(), String>) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         st.tasks.remove(id);
         let Some(rec) = st
             .envs
@@ -1027,7 +1026,7 @@ impl Envs {
     /// Sets a record's endpoints and journals it.
     fn set_endpoints(&self, id: &str, endpoints: Vec<crate::model::Endpoint>) {
         let rec = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let Some(rec) = st
                 .envs
                 .get_mut(id)
@@ -1049,7 +1048,7 @@ impl Envs {
     /// Changes a record in place and journals it.
     fn update(&self, id: &str, f: impl FnOnce(&mut EnvRecord)) {
         let snap = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let Some(rec) = st
                 .envs
                 .get_mut(id)
@@ -1079,7 +1078,7 @@ impl Envs {
     /// overtaken by a newer one (or by the delete) is dropped. A failed
     /// write leaves the old file whole; a full disk is `DiskFull`.
     fn write_journal(&self, rec: &EnvRecord, seq: u64) -> Result<(), EnvError> {
-        let hook = self.faults.lock().unwrap().before_journal_write.clone();
+        let hook = self.faults.lock().before_journal_write.clone();
         if let Some(hook) = hook {
             hook(rec);
         }
@@ -1196,7 +1195,7 @@ impl ProgressSink {
         }
         self.last = done;
         if let Some(envs) = self.envs.upgrade() {
-            let mut st = envs.state.lock().unwrap();
+            let mut st = envs.state.lock();
             if let Some(r) = st.envs.get_mut(&self.id) {
                 r.load.bytes_done = done;
             }
@@ -1276,7 +1275,7 @@ pub(crate) mod tests {
         let hook: Hook = Arc::new(move |rec: &EnvRecord| {
             if rec.id == id && armed.swap(false, Ordering::SeqCst) {
                 let _ = reached_tx.send(());
-                let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(30));
+                let _ = go_rx.lock().recv_timeout(Duration::from_secs(30));
             }
         });
         (hook, reached, go)

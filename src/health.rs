@@ -22,7 +22,9 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -37,7 +39,9 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 pub const FAILS_TO_DOWN: u32 = 2;
 
 /// The engine's state as the node reports and gossips it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineState {
     /// The engine answers.
@@ -82,7 +86,7 @@ impl std::str::FromStr for EngineState {
 }
 
 /// The engine's health as `GET /v1/node` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EngineHealth {
     pub state: EngineState,
     /// When the engine entered this state (for a down engine: its first
@@ -286,7 +290,7 @@ impl StoreProbe {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            return self.last.lock().unwrap().clone().unwrap_or(Ok(()));
+            return self.last.lock().clone().unwrap_or(Ok(()));
         }
         let (busy, last) = (self.busy.clone(), self.last.clone());
         let task = tokio::task::spawn_blocking(move || {
@@ -295,7 +299,7 @@ impl StoreProbe {
                 Ok(_) => Err("the store path is not a directory".to_string()),
                 Err(e) => Err(format!("the store cannot be read ({})", e.kind())),
             };
-            *last.lock().unwrap() = Some(r.clone());
+            *last.lock() = Some(r.clone());
             busy.store(false, Ordering::SeqCst);
             r
         });

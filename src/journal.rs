@@ -15,9 +15,9 @@
 //! environment's labels, which recovery then removes instead of adopting.
 //! Tombstones older than [`TOMBSTONE_KEEP`] are dropped.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use tracing::warn;
@@ -78,7 +78,7 @@ impl Journal {
     /// its tombstone) was made already: then nothing is written and the
     /// answer is `false`.
     pub fn write(&self, rec: &EnvRecord, seq: u64) -> Result<bool, JournalError> {
-        let mut written = self.written.lock().unwrap();
+        let mut written = self.written.lock();
         if written.get(&rec.id).is_some_and(|&last| last >= seq) {
             return Ok(false);
         }
@@ -95,7 +95,7 @@ impl Journal {
     /// Marks environment `id` deleted: its tombstone is written (so no
     /// later write of its record lands), then its record is removed.
     pub fn tombstone(&self, id: &str) -> Result<(), JournalError> {
-        let mut written = self.written.lock().unwrap();
+        let mut written = self.written.lock();
         written.insert(id.to_string(), u64::MAX);
         let mark = self.deleted.join(id);
         write_atomic(&mark, b"").map_err(io(&mark))?;

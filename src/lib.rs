@@ -21,6 +21,7 @@ pub mod journal;
 pub mod keyring;
 pub mod mail;
 pub mod model;
+pub mod openapi;
 pub mod peer_auth;
 pub mod placement;
 pub mod reaper;

@@ -7,12 +7,13 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 
 use crate::store::{ImageRef, Manifest, Requirements};
 use crate::units::parse_size;
 
 /// Where an environment is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EnvStatus {
     /// Accepted and room reserved; nothing done yet.
@@ -60,7 +61,7 @@ impl fmt::Display for EnvStatus {
 }
 
 /// Where one exposed port of an environment answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Endpoint {
     /// The port inside the container (`EXPOSE`).
     pub port: u16,
@@ -75,7 +76,7 @@ impl fmt::Display for Endpoint {
 }
 
 /// How far loading the image has come.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LoadProgress {
     /// Layers in the image.
     pub layers_total: usize,
@@ -88,9 +89,11 @@ pub struct LoadProgress {
 }
 
 /// An environment: one container started from a published build.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct EnvRecord {
     pub id: String,
+    /// `name:build`.
+    #[schema(value_type = String)]
     pub image: ImageRef,
     pub owner: String,
     /// The node it runs on (and that alone changes it).
@@ -123,13 +126,14 @@ pub struct EnvRecord {
 }
 
 /// `POST /v1/environments`, as sent. Checked into an [`EnvSpec`].
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnvRequest {
     pub image: String,
     pub owner: String,
     /// Bytes (a number) or a size string (`"512MiB"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<MemoryValue>)]
     pub memory: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aio: Option<u64>,
@@ -144,13 +148,30 @@ pub struct EnvRequest {
     pub ttl: Option<String>,
 }
 
+/// A memory amount: bytes, or a size string (`"512MiB"`, `"32GiB"`).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum MemoryValue {
+    Bytes(u64),
+    Size(String),
+}
+
 /// `POST /v1/environments/{id}/extend`: push the expiry back by `by`
 /// (`"4h"`), never past `max_ttl` from now.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtendRequest {
     pub by: String,
 }
+
+/// Upper bounds on what a request may ask for, checked before any
+/// arithmetic (the admission ledger sums memory and AIO).
+pub const MAX_MEMORY: u64 = 1 << 50; // 1 PiB
+pub const MAX_AIO: u64 = 1 << 32;
+pub const MAX_ENV_VARS: usize = 256;
+pub const MAX_ENV_NAME_LEN: usize = 256;
+pub const MAX_ENV_VALUE_LEN: usize = 32 << 10;
+pub const MAX_CONSTRAINTS: usize = 32;
 
 /// A request that failed a check: the message and the field it names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -227,11 +248,20 @@ impl EnvRequest {
                 ),
             ));
         }
+        if memory > MAX_MEMORY {
+            return Err(FieldError::new(
+                "memory",
+                format!("must be at most {}", crate::units::format_size(MAX_MEMORY)),
+            ));
+        }
         // Docker refuses limits under 6 MiB.
         if memory < 6 << 20 {
             return Err(FieldError::new("memory", "must be at least 6MiB"));
         }
         let aio = self.aio.unwrap_or(req.aio);
+        if aio > MAX_AIO {
+            return Err(FieldError::new("aio", format!("must be at most {MAX_AIO}")));
+        }
         if aio < req.aio {
             return Err(FieldError::new(
                 "aio",
@@ -239,7 +269,31 @@ impl EnvRequest {
             ));
         }
         let env = self.env.clone().unwrap_or_default();
+        if env.len() > MAX_ENV_VARS {
+            return Err(FieldError::new(
+                "env",
+                format!("at most {MAX_ENV_VARS} variables"),
+            ));
+        }
+        if self
+            .constraints
+            .as_ref()
+            .is_some_and(|c| c.len() > MAX_CONSTRAINTS)
+        {
+            return Err(FieldError::new(
+                "constraints",
+                format!("at most {MAX_CONSTRAINTS} labels"),
+            ));
+        }
         for (k, v) in &env {
+            if k.len() > MAX_ENV_NAME_LEN || v.len() > MAX_ENV_VALUE_LEN {
+                return Err(FieldError::new(
+                    "env",
+                    format!(
+                        "names are at most {MAX_ENV_NAME_LEN} bytes, values {MAX_ENV_VALUE_LEN}"
+                    ),
+                ));
+            }
             let ok = !k.is_empty()
                 && !k.as_bytes()[0].is_ascii_digit()
                 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
@@ -279,7 +333,7 @@ impl EnvRequest {
 }
 
 /// `POST /v1/images`: publish an image of the local engine as `name:build`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PublishRequest {
     /// The image in this node's engine (tag or id).
@@ -290,7 +344,7 @@ pub struct PublishRequest {
 }
 
 /// A published build, as `GET /v1/images` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageInfo {
     pub name: String,
     pub build: String,
@@ -328,7 +382,7 @@ impl From<&Manifest> for ImageInfo {
 }
 
 /// What `GET /v1/node` says about this node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct NodeInfo {
     pub name: String,
     pub version: String,
@@ -364,7 +418,7 @@ pub struct NodeInfo {
 }
 
 /// How a node's gossip is protected (`docs/security.md`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GossipSecurity {
     /// `required` (sealed only), `transitional` (seals, still accepts
     /// unsealed) or `off` (unsealed).
@@ -379,7 +433,7 @@ pub struct GossipSecurity {
 }
 
 /// The body of every error answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -390,10 +444,14 @@ pub struct ErrorBody {
     /// For refusals by the cluster: each node and why it could not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<NodeReason>,
+    /// The request id (also in the `x-request-id` header): the node's log
+    /// has the details of this answer under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Why one node could not take a request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NodeReason {
     pub node: String,
     pub reason: String,
@@ -462,11 +520,54 @@ mod tests {
             r.ttl = Some(t.into());
             assert_eq!(bad(r), "ttl", "{t}");
         }
+        assert_eq!(bad(req(Some("2PiB".into()), None)), "memory");
+        assert_eq!(bad(req(Some(u64::MAX.into()), None)), "memory");
+        assert_eq!(bad(req(None, Some(u64::MAX))), "aio");
+        let mut r = req(None, None);
+        r.env = Some((0..300).map(|i| (format!("V{i}"), String::new())).collect());
+        assert_eq!(bad(r), "env");
+        let mut r = req(None, None);
+        r.ttl = Some("99999999999h".into());
+        assert_eq!(bad(r), "ttl");
         // No memory label: the node's default applies.
         let none = Requirements::default();
         assert_eq!(
             req(None, None).check(&none, 256 << 20).unwrap().memory,
             256 << 20
         );
+    }
+
+    proptest::proptest! {
+        /// Any request is checked into a bounded spec or refused naming a
+        /// field; nothing panics.
+        #[test]
+        fn any_request_is_checked_or_refused(
+            image in "\\PC{0,30}",
+            owner in "\\PC{0,30}",
+            memory in proptest::option::of(proptest::prelude::any::<u64>()),
+            mem_text in proptest::option::of("[0-9.]{0,25}[a-zA-Z]{0,3}"),
+            aio in proptest::option::of(proptest::prelude::any::<u64>()),
+            env in proptest::collection::btree_map("\\PC{0,10}", "\\PC{0,10}", 0..4),
+            ttl in proptest::option::of("[0-9]{0,22}[smhdx]{0,2}"),
+            floor in proptest::prelude::any::<u64>(),
+        ) {
+            let r = EnvRequest {
+                image,
+                owner,
+                memory: mem_text.map(Into::into).or(memory.map(Into::into)),
+                aio,
+                env: Some(env),
+                constraints: None,
+                ttl,
+            };
+            let image = Requirements { memory: Some(floor), aio: 0 };
+            match r.check(&image, 256 << 20) {
+                Ok(spec) => {
+                    proptest::prop_assert!(spec.memory <= MAX_MEMORY && spec.aio <= MAX_AIO);
+                    proptest::prop_assert!(spec.ttl.is_none_or(|t| t <= crate::units::MAX_DURATION));
+                }
+                Err(e) => proptest::prop_assert!(!e.field.is_empty()),
+            }
+        }
     }
 }

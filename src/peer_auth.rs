@@ -25,7 +25,9 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -431,7 +433,7 @@ impl PeerAuth {
             to: &self.me,
         };
         let now = unix_ms();
-        let mut nonces = self.nonces.lock().unwrap_or_else(|e| e.into_inner());
+        let mut nonces = self.nonces.lock();
         verify(&self.keys, presented, &call, now, &mut nonces)
     }
 }

@@ -309,7 +309,11 @@ fn check(
     }
     let held: HashSet<String> = f.layers.iter().cloned().collect();
     let have = held_prefix_short(chain, &held, LAYER_PREFIX_LEN);
-    let missing_bytes: u64 = layers[have..].iter().map(|(_, s)| *s).sum();
+    let missing_bytes = layers
+        .get(have..)
+        .unwrap_or_default()
+        .iter()
+        .fold(0u64, |t, (_, s)| t.saturating_add(*s));
     let bps = f
         .load_bps
         .filter(|b| *b > 0)

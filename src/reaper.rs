@@ -60,7 +60,11 @@ pub fn initial_expiry(
             max: format_duration(max_ttl),
         });
     }
-    Ok(now + dur(ttl))
+    now.checked_add(dur(ttl))
+        .ok_or_else(|| ReservationError::TooLong {
+            asked: format_duration(ttl),
+            max: format_duration(max_ttl),
+        })
 }
 
 /// A later expiry: `current + by`, which may not lie more than `max_ttl`
@@ -75,14 +79,21 @@ pub fn extend(
     if by.is_zero() {
         return Err(ReservationError::Zero);
     }
-    let new = current.max(now) + dur(by);
-    if new > now + dur(max_ttl) {
-        let ahead = (new - now).unsigned_abs();
-        return Err(ReservationError::PastMax {
-            by: format_duration(by),
-            ahead: format_duration(Duration::from_secs(ahead.as_secs())),
-            max: format_duration(max_ttl),
-        });
+    // Checked: `by` comes from a request and may be absurd.
+    let past_max = |ahead: Duration| ReservationError::PastMax {
+        by: format_duration(by),
+        ahead: format_duration(Duration::from_secs(ahead.as_secs())),
+        max: format_duration(max_ttl),
+    };
+    let new = current
+        .max(now)
+        .checked_add(dur(by))
+        .ok_or_else(|| past_max(by))?;
+    if now
+        .checked_add(dur(max_ttl))
+        .is_some_and(|limit| new > limit)
+    {
+        return Err(past_max((new - now).unsigned_abs()));
     }
     Ok(new)
 }
@@ -272,6 +283,33 @@ mod tests {
             e.to_string().contains("max_ttl") && e.to_string().contains("4d3h"),
             "{e}"
         );
+        // Absurd lengths are refused, never an overflow panic.
+        check(h(24), 99_999_999_999, Err(()));
+        for by in [Duration::MAX, Duration::from_secs(u64::MAX)] {
+            assert!(matches!(
+                extend(h(24), by, now, max),
+                Err(ReservationError::PastMax { .. })
+            ));
+            assert!(extend(h(24), by, now, Duration::MAX).is_err());
+            assert!(initial_expiry(now, Some(by), max, Duration::MAX).is_err());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn reservation_arithmetic_never_panics(
+            secs in proptest::prelude::any::<u64>(),
+            max in proptest::prelude::any::<u64>(),
+            offset in -1_000_000_000i64..1_000_000_000,
+        ) {
+            let now = datetime!(2025-01-01 0:00 UTC);
+            let current = now + time::Duration::seconds(offset);
+            let (by, max) = (Duration::from_secs(secs), Duration::from_secs(max));
+            if let Ok(new) = extend(current, by, now, max) {
+                proptest::prop_assert!(new > now.min(current));
+            }
+            let _ = initial_expiry(now, Some(by), by, max);
+        }
     }
 
     fn rec(id: &str, expires_at: Option<OffsetDateTime>) -> EnvRecord {

@@ -22,11 +22,12 @@
 //! ([`NodeView::http_addr`]).
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use bytes::Bytes;
+use parking_lot::Mutex;
 use rand::Rng;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -92,7 +93,7 @@ impl Default for StallWatch {
 
 impl StallWatch {
     fn tick(&self, now: tokio::time::Instant) {
-        let mut t = self.ticks.lock().unwrap();
+        let mut t = self.ticks.lock();
         let gap = now.saturating_duration_since(t.0);
         if gap >= STALL_MIN {
             t.1 = Some((now, gap));
@@ -103,7 +104,7 @@ impl StallWatch {
     /// How long a request read at `now` may have waited unread: the stall
     /// going on (no tick for a while), or one that ended just before.
     pub fn stalled(&self, now: tokio::time::Instant) -> Duration {
-        let t = self.ticks.lock().unwrap();
+        let t = self.ticks.lock();
         let ongoing = now.saturating_duration_since(t.0);
         let ongoing = if ongoing >= STALL_MIN {
             ongoing
@@ -136,6 +137,43 @@ pub const DEFAULT_LOAD_BPS: u64 = 100_000_000;
 
 /// How long a node-to-node call may take before the next candidate.
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// At most this many peer calls of one fan-out (a cluster-wide list, an
+/// unknown id asked of everyone) are in flight at once...
+pub const FANOUT_CONCURRENCY: usize = 16;
+
+/// ...and a whole fan-out ends by this deadline: a peer that has not
+/// answered by then counts as not answering.
+pub const FANOUT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs peer calls with bounded concurrency and one deadline for all;
+/// results in the order of `calls`, `None` for a call cut by the deadline.
+pub async fn fan_out<T, F>(calls: Vec<F>) -> Vec<Option<T>>
+where
+    F: std::future::Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + FANOUT_DEADLINE;
+    let permits = tokio::sync::Semaphore::new(FANOUT_CONCURRENCY);
+    let bounded: Vec<_> = calls
+        .into_iter()
+        .map(|c| bounded_call(&permits, deadline, c))
+        .collect();
+    futures::future::join_all(bounded).await
+}
+
+async fn bounded_call<F: std::future::Future>(
+    permits: &tokio::sync::Semaphore,
+    deadline: tokio::time::Instant,
+    call: F,
+) -> Option<F::Output> {
+    tokio::time::timeout_at(deadline, async {
+        let _permit = permits.acquire().await.ok()?;
+        Some(call.await)
+    })
+    .await
+    .ok()
+    .flatten()
+}
 
 /// How often held layers are re-read from the engine.
 const LAYER_REFRESH: Duration = Duration::from_secs(10);
@@ -332,7 +370,7 @@ impl Cluster {
             version: env!("CARGO_PKG_VERSION").to_string(),
             storage_driver: self.storage_driver.clone(),
             load_bps: self.envs.last_load_bps(),
-            layers: self.layers.lock().unwrap().clone(),
+            layers: self.layers.lock().clone(),
             envs,
         }
     }
@@ -346,7 +384,7 @@ impl Cluster {
         match self.envs.engine().held_chain_ids().await {
             Ok(held) => {
                 let held: Vec<_> = held.into_iter().collect();
-                *self.layers.lock().unwrap() = placement::layer_prefixes(&held);
+                *self.layers.lock() = placement::layer_prefixes(&held);
             }
             Err(e) => warn!(error = %e, "cannot list the engine's layers"),
         }
@@ -649,6 +687,10 @@ impl Cluster {
         suffix: &str,
         body: Option<Vec<u8>>,
     ) -> Option<Result<Forwarded, RouteError>> {
+        // An id from a client goes into a peer's URL: only well-formed ones.
+        if !crate::cluster::keys::valid_name(id) {
+            return None;
+        }
         let Some((node, summary)) = self.owner_of(id) else {
             return self.ask_everyone(method, id, suffix, body).await;
         };
@@ -709,12 +751,12 @@ impl Cluster {
         let asks = peers
             .iter()
             .map(|c| c.send_raw(hyper::Method::GET, &path, None));
-        let found = futures::future::join_all(asks)
+        let found = fan_out(asks.collect())
             .await
             .into_iter()
             .zip(&peers)
             .find_map(|(r, c)| match r {
-                Ok((StatusCode::OK, body)) => Some((c.clone(), body)),
+                Some(Ok((StatusCode::OK, body))) => Some((c.clone(), body)),
                 _ => None,
             });
         let (client, body) = found?;
@@ -745,44 +787,52 @@ impl Cluster {
     pub async fn all_envs(&self) -> Vec<EnvRecord> {
         let mut out = self.envs.list();
         let view = self.view();
-        let calls = view
-            .nodes
-            .iter()
-            .filter(|n| !n.is_self)
-            .map(|n| async move {
-                let from_gossip = |status: Option<EnvStatus>| -> Vec<EnvRecord> {
-                    n.facts
-                        .iter()
-                        .flat_map(|f| f.envs.values())
-                        .map(|s| {
-                            let mut r = lost_record(&n.name, s);
-                            if let Some(st) = status {
-                                r.status = st;
-                            } else if let Ok(st) =
-                                serde_json::from_value(serde_json::Value::String(s.status.clone()))
-                            {
-                                r.status = st;
-                            }
-                            r
-                        })
-                        .collect()
-                };
-                if !n.alive || n.left {
-                    return from_gossip(Some(EnvStatus::Lost));
+        let others: Vec<_> = view.nodes.iter().filter(|n| !n.is_self).collect();
+        let calls = others.iter().map(|n| async move {
+            let from_gossip = |status: Option<EnvStatus>| -> Vec<EnvRecord> {
+                n.facts
+                    .iter()
+                    .flat_map(|f| f.envs.values())
+                    .map(|s| {
+                        let mut r = lost_record(&n.name, s);
+                        if let Some(st) = status {
+                            r.status = st;
+                        } else if let Ok(st) =
+                            serde_json::from_value(serde_json::Value::String(s.status.clone()))
+                        {
+                            r.status = st;
+                        }
+                        r
+                    })
+                    .collect()
+            };
+            if !n.alive || n.left {
+                return from_gossip(Some(EnvStatus::Lost));
+            }
+            let Some(client) = self.peer(n) else {
+                return Vec::new();
+            };
+            match client.get::<Vec<EnvRecord>>("/v1/environments").await {
+                Ok(list) => list,
+                Err(e) => {
+                    warn!(node = %n.name, error = %e, "node did not list its environments");
+                    from_gossip(None)
                 }
-                let Some(client) = self.peer(n) else {
-                    return Vec::new();
-                };
-                match client.get::<Vec<EnvRecord>>("/v1/environments").await {
-                    Ok(list) => list,
-                    Err(e) => {
-                        warn!(node = %n.name, error = %e, "node did not list its environments");
-                        from_gossip(None)
-                    }
+            }
+        });
+        for (list, n) in fan_out(calls.collect()).await.into_iter().zip(&others) {
+            match list {
+                Some(list) => out.extend(list),
+                None => {
+                    warn!(node = %n.name, "node did not list its environments in time");
+                    out.extend(
+                        n.facts
+                            .iter()
+                            .flat_map(|f| f.envs.values())
+                            .map(|s| lost_record(&n.name, s)),
+                    );
                 }
-            });
-        for list in futures::future::join_all(calls).await {
-            out.extend(list);
+            }
         }
         out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
         out

@@ -93,9 +93,22 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes}B")
 }
 
+/// The longest duration [`parse_duration`] accepts (100 years): every
+/// duration from outside stays far from the limits of date arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86400);
+
 /// Parses a duration: a number with `s`, `m`, `h` or `d` (`90s`, `8h`,
-/// `1d`), or several of them (`1h30m`). A bare number is seconds.
+/// `1d`), or several of them (`1h30m`). A bare number is seconds. Longer
+/// than [`MAX_DURATION`] is refused.
 pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
+    let d = parse_duration_unbounded(s)?;
+    if d > MAX_DURATION {
+        return Err(UnitError::Overflow(s.to_string()));
+    }
+    Ok(d)
+}
+
+fn parse_duration_unbounded(s: &str) -> Result<Duration, UnitError> {
     let t = s.trim();
     if t.is_empty() {
         return Err(UnitError::Empty);
@@ -192,6 +205,12 @@ mod tests {
         check("1x", None);
         check("1h30", None);
         check("", None);
+        check("36500d", Some(36500 * 86400));
+        check("36501d", None);
+        check("99999999999h", None);
+        check("18446744073709551615", None);
+        check("18446744073709551616s", None);
+        check("99999999999999999999d", None);
     }
 
     proptest! {
@@ -208,6 +227,20 @@ mod tests {
         fn exact_units_round_trip(n in 0u64..1024, unit in 0usize..4) {
             let v = n << (10 * unit);
             prop_assert_eq!(parse_size(&format_size(v)).unwrap(), v);
+        }
+
+        #[test]
+        fn parsers_never_panic_and_stay_bounded(s in "\\PC{0,40}") {
+            if let Ok(d) = parse_duration(&s) {
+                prop_assert!(d <= MAX_DURATION);
+            }
+            let _ = parse_size(&s);
+        }
+
+        #[test]
+        fn unit_shaped_input_never_panics(n in "[0-9]{0,30}(\\.[0-9]{0,30})?", u in "(|s|m|h|d|[kmgt]i?b?|b|x)", m in "[0-9]{0,25}[smhd]?") {
+            let _ = parse_size(&format!("{n}{u}"));
+            let _ = parse_duration(&format!("{n}{u}{m}"));
         }
 
         #[test]

@@ -5,8 +5,9 @@
 //! dies must not go unnoticed while the node looks healthy.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::task::{AbortHandle, JoinHandle};
@@ -82,7 +83,6 @@ impl Workers {
         };
         self.entries
             .lock()
-            .unwrap()
             .insert(name.to_string(), (status, handle.abort_handle()));
         let me = self.clone();
         let name = name.to_string();
@@ -100,7 +100,7 @@ impl Workers {
                     (WorkerState::Failed, Some(msg))
                 }
             };
-            if let Some((s, _)) = me.entries.lock().unwrap().get_mut(&name) {
+            if let Some((s, _)) = me.entries.lock().get_mut(&name) {
                 s.state = state;
                 s.error = err;
                 s.ended_at = Some(OffsetDateTime::now_utc());
@@ -112,7 +112,6 @@ impl Workers {
     pub fn list(&self) -> Vec<WorkerStatus> {
         self.entries
             .lock()
-            .unwrap()
             .values()
             .map(|(s, _)| s.clone())
             .collect()
@@ -120,7 +119,7 @@ impl Workers {
 
     /// Stops every worker (shutdown).
     pub fn abort_all(&self) {
-        for (_, abort) in self.entries.lock().unwrap().values() {
+        for (_, abort) in self.entries.lock().values() {
             abort.abort();
         }
     }

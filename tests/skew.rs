@@ -83,7 +83,6 @@ async fn publish_image(node: &Node, engine: &Engine, cleanup: &mut Cleanup) -> R
     Ok(r)
 }
 
-
 #[tokio::test(flavor = "multi_thread")]
 async fn forwards_work_across_skewed_clocks_and_a_frozen_node_still_refuses_late_work() -> Result<()>
 {

@@ -13,7 +13,7 @@
 //!   each build, and on every rescan tick, runs a prune;
 //! - image GC (every node): untags unpublished `shoal/*` images.
 //!
-//! State: one `std::sync::Mutex` over the records and the queue, never held
+//! State: one `parking_lot::Mutex` over the records and the queue, never held
 //! across an `.await`. Records are persisted one JSON file per build under
 //! `<data_dir>/builds/<product>/<build>.json` (temp + fsync + rename), the
 //! log beside it (`.log`). A build that was `queued` or `building` when the
@@ -32,9 +32,10 @@ pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, RwLock, Semaphore};
@@ -271,8 +272,7 @@ impl Builds {
             maintenance: RwLock::new(()),
             fault_in_run: Mutex::new(None),
         };
-        let records: Vec<BuildRecord> =
-            me.state.lock().unwrap().records.values().cloned().collect();
+        let records: Vec<BuildRecord> = me.state.lock().records.values().cloned().collect();
         for r in records
             .iter()
             .filter(|r| r.status != BuildStatus::Published)
@@ -300,14 +300,7 @@ impl Builds {
 
     /// This node's builds, newest first.
     pub fn list(&self) -> Vec<BuildRecord> {
-        let mut out: Vec<BuildRecord> = self
-            .state
-            .lock()
-            .unwrap()
-            .records
-            .values()
-            .cloned()
-            .collect();
+        let mut out: Vec<BuildRecord> = self.state.lock().records.values().cloned().collect();
         sort_records(&mut out);
         out
     }
@@ -316,7 +309,7 @@ impl Builds {
     /// build.
     pub fn log(&self, product: &str, build: &str) -> Option<String> {
         let key = (product.to_string(), build.to_string());
-        let rec = self.state.lock().unwrap().records.get(&key).cloned()?;
+        let rec = self.state.lock().records.get(&key).cloned()?;
         let path = self.log_path(&rec)?;
         Some(std::fs::read_to_string(path).unwrap_or_default())
     }
@@ -336,7 +329,11 @@ impl Builds {
                     }
                 }
             });
-        for l in futures::future::join_all(calls).await {
+        for l in crate::routing::fan_out(calls.collect())
+            .await
+            .into_iter()
+            .flatten()
+        {
             out.extend(l);
         }
         sort_records(&mut out);
@@ -354,16 +351,24 @@ impl Builds {
             return Some(l);
         }
         let path = format!("/v1/builds/{product}/{build}/log");
-        for (name, client) in build_peers(cluster) {
-            match client.send_raw(hyper::Method::GET, &path, None).await {
-                Ok((status, body)) if status.is_success() => {
-                    return Some(String::from_utf8_lossy(&body).into_owned())
+        let ask = async {
+            for (name, client) in build_peers(cluster) {
+                match client.send_raw(hyper::Method::GET, &path, None).await {
+                    Ok((status, body)) if status.is_success() => {
+                        return Some(String::from_utf8_lossy(&body).into_owned())
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(node = %name, error = %e, "build node did not answer"),
                 }
-                Ok(_) => {}
-                Err(e) => warn!(node = %name, error = %e, "build node did not answer"),
             }
-        }
-        None
+            None
+        };
+        // One by one (the first that has it answers), within the fan-out
+        // deadline however many build nodes there are.
+        tokio::time::timeout(crate::routing::FANOUT_DEADLINE, ask)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Starts the workers: the watcher and runner on a build node, the
@@ -488,7 +493,7 @@ impl Builds {
         let detected = now();
         let mut new = Vec::new();
         {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             for r in scan.refused {
                 if !st.reported.insert(r.path.clone()) {
                     continue;
@@ -571,7 +576,7 @@ impl Builds {
                 return;
             };
             let key = loop {
-                let next = self.state.lock().unwrap().queue.pop_front();
+                let next = self.state.lock().queue.pop_front();
                 match next {
                     Some(k) => break k,
                     None => self.wake.notified().await,
@@ -591,7 +596,7 @@ impl Builds {
 
     fn update(&self, key: &Key, f: impl FnOnce(&mut BuildRecord)) -> Option<BuildRecord> {
         let rec = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let rec = st.records.get_mut(key)?;
             f(rec);
             rec.clone()
@@ -638,7 +643,7 @@ impl Builds {
 
     /// Installs a fault-injection hook on build runs (tests).
     pub fn set_fault_in_run(&self, hook: Option<BuildHook>) {
-        *self.fault_in_run.lock().unwrap() = hook;
+        *self.fault_in_run.lock() = hook;
     }
 
     /// [`Builds::run_one`], supervised: a panic in it fails the build with
@@ -669,7 +674,7 @@ impl Builds {
         }) else {
             return;
         };
-        let hook = self.fault_in_run.lock().unwrap().clone();
+        let hook = self.fault_in_run.lock().clone();
         if let Some(hook) = hook {
             hook(&key.0, &key.1);
         }
@@ -1309,15 +1314,10 @@ mod tests {
             bytes_added: None,
             attempts: 0,
         };
-        builds
-            .state
-            .lock()
-            .unwrap()
-            .records
-            .insert(key.clone(), rec);
+        builds.state.lock().records.insert(key.clone(), rec);
         builds.set_fault_in_run(Some(Arc::new(|_: &str, _: &str| panic!("injected fault"))));
         builds.run_supervised(key.clone()).await;
-        let r = builds.state.lock().unwrap().records[&key].clone();
+        let r = builds.state.lock().records[&key].clone();
         assert_eq!(r.status, BuildStatus::Failed, "{r:?}");
         let why = r.error.unwrap_or_default();
         assert!(
@@ -1327,9 +1327,6 @@ mod tests {
         // The record on disk says so too (a restart does not rebuild it
         // as interrupted).
         let again = Builds::open(builds.envs.clone()).unwrap();
-        assert_eq!(
-            again.state.lock().unwrap().records[&key].status,
-            BuildStatus::Failed
-        );
+        assert_eq!(again.state.lock().records[&key].status, BuildStatus::Failed);
     }
 }

@@ -499,6 +499,11 @@ pub fn from_kv<'a>(
             continue;
         }
         if let Some(id) = k.strip_prefix(PREFIX_ENV) {
+            // Ids are checked like the publisher checks them: a forged key
+            // never becomes an id a handler or a page uses.
+            if !valid_name(id) {
+                continue;
+            }
             let e: EnvValue = serde_json::from_str(v).map_err(|err| bad(k, v, err.to_string()))?;
             f.envs.insert(
                 id.to_string(),
@@ -999,6 +1004,19 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever a peer gossips, reading it returns facts or an error.
+        #[test]
+        fn any_key_values_parse_or_fail_cleanly(
+            kv in vec(("(shoal\\.|l/|e/)?\\PC{0,20}", "\\PC{0,60}"), 0..20),
+            nums in vec("[0-9,]{0,45}", 3),
+        ) {
+            let mut kv = kv;
+            kv.extend(to_kv(&NodeFacts::default()).into_iter().zip(nums).map(|((k, _), v)| (k, v)));
+            if let Ok(f) = from_kv(kv_refs(&kv)) {
+                prop_assert!(f.envs.keys().all(|id| valid_name(id)));
+            }
+        }
+
         #[test]
         fn an_accepted_http_address_is_a_plain_authority(
             v in prop_oneof![".{0,40}", "[a-z0-9.:@/-]{1,24}", "10\\.0\\.0\\.[0-9]{1,3}:[0-9]{1,6}"],

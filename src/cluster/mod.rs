@@ -19,13 +19,14 @@ pub mod wire;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chitchat::transport::Transport;
 use chitchat::{
     spawn_chitchat, Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig,
 };
+use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -445,7 +446,7 @@ async fn observe(
 fn build_view(chitchat: &Chitchat, self_id: &ChitchatId, seen: &SeenMap) -> ClusterView {
     let now = Instant::now();
     let live: HashSet<&ChitchatId> = chitchat.live_nodes().collect();
-    let mut seen = seen.lock().expect("seen map lock");
+    let mut seen = seen.lock();
     // One entry per node name: the newest generation. An older generation
     // of a restarted node lingers in chitchat (dead) until its grace period
     // ends; it is the past, not a second node.

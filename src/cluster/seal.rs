@@ -77,7 +77,7 @@ const FRAG_HEADER: usize = 8 + 1 + 1;
 pub const MAX_CHUNK: usize = MAX_DATAGRAM - HEADER - TAG - FRAG_HEADER;
 
 /// Datagram counters since start (`GET /v1/node`, `gossip.datagrams`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SealCounters {
     /// Sealed datagrams sent / unsealed datagrams sent.
     pub sent_sealed: u64,

@@ -27,10 +27,11 @@ pub mod smtp;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lettre::message::Mailbox;
+use parking_lot::Mutex;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
@@ -341,7 +342,7 @@ impl Mailer {
                 smtp::Transport::Smtp { url, .. } => url.to_string(),
             },
             pending: self.outbox.pending().len(),
-            last_error: self.last_error.lock().unwrap().clone(),
+            last_error: self.last_error.lock().clone(),
         }
     }
 
@@ -416,7 +417,7 @@ impl Mailer {
                         }
                         info!(mail = %m.id, env = %m.env, owner = %m.to, event = %m.event, "mail sent");
                         retry_at.remove(&m.id);
-                        *self.last_error.lock().unwrap() = None;
+                        *self.last_error.lock() = None;
                     }
                     Err(e) if e.permanent() => {
                         warn!(mail = %m.id, env = %m.env, owner = %m.to, error = %e, "mail cannot be sent, dropped");
@@ -427,7 +428,7 @@ impl Mailer {
                         let wait = outbox::backoff(m.attempts);
                         warn!(mail = %m.id, env = %m.env, owner = %m.to, attempts = m.attempts, retry_in = %format_duration(wait), error = %e, "mail not accepted, will retry");
                         retry_at.insert(m.id.clone(), tokio::time::Instant::now() + wait);
-                        *self.last_error.lock().unwrap() = Some(e.to_string());
+                        *self.last_error.lock() = Some(e.to_string());
                     }
                 }
             }

@@ -13,9 +13,9 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tracing::warn;
@@ -104,7 +104,7 @@ impl Outbox {
         if !valid_id(&m.id) {
             return Err(MailError::BadId(m.id.clone()));
         }
-        let mut known = self.known.lock().unwrap();
+        let mut known = self.known.lock();
         if known.contains(&m.id) {
             return Ok(false);
         }
@@ -189,7 +189,7 @@ impl Outbox {
             if old {
                 let _ = std::fs::remove_file(e.path());
                 let id = e.file_name().to_string_lossy().into_owned();
-                self.known.lock().unwrap().remove(&id);
+                self.known.lock().remove(&id);
             }
         }
     }

@@ -12,9 +12,9 @@
 //! does. When the store is back, the next check finds it and the node
 //! serves again by itself.
 
+use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -31,7 +31,7 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest an API call waits for a store read (a listing, a manifest).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreState {
     /// Loads and publishes work.
@@ -43,13 +43,14 @@ pub enum StoreState {
 }
 
 /// The store as this node sees it (`GET /v1/node`, field `store`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StoreStatus {
     pub state: StoreState,
     /// The store's id (its marker), once known.
     #[serde(default)]
     pub id: Option<String>,
     /// The configured store path.
+    #[schema(value_type = String)]
     pub path: PathBuf,
     /// Why it is not `ok`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,7 +122,7 @@ impl Store {
 
     /// This node's view of the store.
     pub fn status(&self) -> StoreStatus {
-        self.health.status.lock().unwrap().clone()
+        self.health.status.lock().clone()
     }
 
     /// `Ok` unless the store is unavailable (loads and reads need this).
@@ -262,7 +263,7 @@ impl Store {
     /// sure its directories are there (when it is writable).
     fn finish_open(&self, m: &Marker, new: bool) -> Result<(), String> {
         let first = {
-            let mut st = self.health.status.lock().unwrap();
+            let mut st = self.health.status.lock();
             let first = st.id.as_deref() != Some(&m.id);
             st.id = Some(m.id.clone());
             first
@@ -296,7 +297,7 @@ impl Store {
     /// comes back writable).
     fn set(&self, state: StoreState, reason: Option<String>) {
         let before = {
-            let mut st = self.health.status.lock().unwrap();
+            let mut st = self.health.status.lock();
             let before = st.state;
             if before != state || st.reason != reason {
                 st.since = OffsetDateTime::now_utc();

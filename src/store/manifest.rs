@@ -99,7 +99,7 @@ impl<'de> Deserialize<'de> for ImageRef {
 }
 
 /// What an environment of the image needs at least, from its labels.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Requirements {
     /// Bytes of memory (`shoal.memory`); `None` when the image does not say.
     pub memory: Option<u64>,
@@ -243,12 +243,16 @@ impl Manifest {
 
     /// Uncompressed bytes of all layers.
     pub fn size(&self) -> u64 {
-        self.layers.iter().map(|l| l.size).sum()
+        self.layers
+            .iter()
+            .fold(0u64, |t, l| t.saturating_add(l.size))
     }
 
     /// Bytes of all layer files in the store.
     pub fn compressed_size(&self) -> u64 {
-        self.layers.iter().map(|l| l.compressed_size).sum()
+        self.layers
+            .iter()
+            .fold(0u64, |t, l| t.saturating_add(l.compressed_size))
     }
 
     pub fn chain_ids(&self) -> Vec<Digest> {

@@ -456,7 +456,10 @@ impl Store {
             layers.push(LayerEntry {
                 diff_id: *diff_id,
                 chain_id,
-                size: ingest.sizes[diff_id],
+                size: *ingest
+                    .sizes
+                    .get(diff_id)
+                    .ok_or(StoreError::MissingLayer(*diff_id))?,
                 compressed_size,
             });
         }

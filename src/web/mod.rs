@@ -24,7 +24,7 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 use time::OffsetDateTime;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::AppState;
 use crate::model::{EnvRecord, EnvRequest, ErrorBody, ImageInfo};
@@ -79,6 +79,7 @@ fn html(
 }
 
 fn message(s: &AppState, status: StatusCode, title: &str, text: &str) -> Response {
+    let text = &shown(status, text);
     html(
         s,
         status,
@@ -186,6 +187,7 @@ async fn request_form(State(s): State<Arc<AppState>>, Form(f): Form<RequestForm>
     let fail = |status: StatusCode, e: String| {
         let s = s.clone();
         let values = values.clone();
+        let e = shown(status, &e);
         async move { catalog_with(&s, status, &values, Some(&e)).await }
     };
     if let Err(e) = crate::mail::check_address(&req.owner) {
@@ -197,13 +199,10 @@ async fn request_form(State(s): State<Arc<AppState>>, Form(f): Form<RequestForm>
     };
     let manifest = match s.envs.store().call(move |st| st.get(&r)).await {
         Ok(m) => m,
-        Err(e @ crate::store::StoreError::NotFound(_)) => {
-            return fail(StatusCode::NOT_FOUND, e.to_string()).await
+        Err(e) => {
+            let e = crate::api::ApiError::from(e);
+            return fail(e.status, e.body.error).await;
         }
-        Err(e @ crate::store::StoreError::Unavailable { .. }) => {
-            return fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).await
-        }
-        Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).await,
     };
     let spec = match req.check(&manifest.requirements, s.envs.settings().default_memory) {
         Ok(spec) => spec,
@@ -385,6 +384,7 @@ async fn env_call(
                         field: None,
                         resource: None,
                         reasons: e.reasons,
+                        request_id: None,
                     })
                     .expect("serializes"),
                 )
@@ -408,6 +408,18 @@ async fn env_call(
         .map(|b| b.to_vec())
         .unwrap_or_default();
     (status, bytes)
+}
+
+/// The text a page shows for an error: a 500 or 502 is logged (with the
+/// request id of the span) and shown as a generic message.
+fn shown(status: StatusCode, text: &str) -> String {
+    if matches!(
+        status,
+        StatusCode::INTERNAL_SERVER_ERROR | StatusCode::BAD_GATEWAY
+    ) {
+        warn!(status = status.as_u16(), error = %text, "page request failed");
+    }
+    crate::api::public_error(status, text)
 }
 
 fn error_text(body: &[u8]) -> String {

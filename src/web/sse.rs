@@ -32,7 +32,7 @@ use tracing::warn;
 use crate::api::{ApiError, AppState, Local};
 use crate::cluster::NodeView;
 use crate::envs::Envs;
-use crate::model::{EnvRecord, EnvStatus};
+use crate::model::{EnvRecord, EnvStatus, ErrorBody};
 
 /// How long the owner may take to start answering a relayed stream.
 const RELAY_CONNECT: Duration = Duration::from_secs(5);
@@ -43,6 +43,20 @@ fn event(rec: &EnvRecord) -> Event {
         .data(serde_json::to_string(rec).expect("records serialize"))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/environments/{id}/events",
+    params(("id" = String, Path, description = "environment id")),
+    responses(
+        (status = 200, description = "server-sent events: the record on every change, then a last `deleted` one", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "the id is not valid text", body = ErrorBody),
+        (status = 404, description = "no such environment", body = ErrorBody),
+        (status = 500, description = "internal error (generic message; details in the node's log under the request id)", body = ErrorBody),
+        (status = 502, description = "the engine or the owning node did not answer as expected (generic message)", body = ErrorBody),
+        (status = 504, description = "the owning node did not start the stream in time", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
 pub async fn events(
     State(s): State<Arc<AppState>>,
     Local(local_call): Local,
@@ -96,9 +110,10 @@ async fn ask_peers(s: &AppState, id: &str) -> Option<NodeView> {
             }
         }
     });
-    futures::future::join_all(asks)
+    crate::routing::fan_out(asks.collect())
         .await
         .into_iter()
+        .flatten()
         .flatten()
         .next()
 }
