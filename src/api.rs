@@ -445,7 +445,7 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
     path = "/healthz",
     responses(
         (status = 200, description = "the node can do its job: `{\"status\": \"ok\", \"problems\": [], \"engine\": …}`", body = Object),
-        (status = 503, description = "it cannot: `status` `unhealthy`, `error` (the first problem), every `problems[]` entry (`check`, `error`); or busy / timed out", body = Object),
+        (status = 503, description = "it cannot: `error` (the first problem) with `status` `unhealthy` and every `problems[]` entry (`check`, `error`); or busy (`resource: requests`) / timed out (`resource: timeout`)", body = ErrorBody),
     )
 )]
 async fn healthz(State(s): State<Arc<AppState>>) -> Response {
