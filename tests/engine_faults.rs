@@ -147,7 +147,7 @@ async fn placement(h: &Host, image: &str) -> Result<(Vec<String>, Vec<(String, S
 
 /// A create served by `h` alone (`x-shoal-local`: its own admission).
 async fn request_local(h: &Host, body: Value) -> Result<(u16, Value)> {
-    let c = quick(h)?.with_header("x-shoal-local", "1");
+    let c = h.peer(quick(h)?).with_header("x-shoal-local", "1");
     raw(
         &c,
         "POST",

@@ -196,16 +196,18 @@ async fn mails_ready_failed_warning_expired_and_the_reaper_deletes() -> Result<(
         "--mail-from",
         "shoal@lab.example.com",
         "--expiry-warning",
-        "20s",
+        "40s",
     ])
     .await?;
     let node = &s.node;
     let owner = format!("{}@example.com", unique("tester"));
 
-    // A reservation of 30 s: ready mail, warning 20 s before, then the
-    // reaper deletes it and says so.
+    // A reservation of 60 s: ready mail, warning 40 s before, then the
+    // reaper deletes it and says so. (No warning is sent for a reservation
+    // that had less than the warning left once ready: the 20 s between
+    // leave room for a slow start on a loaded machine.)
     let (code, body) = node
-        .request_env(json!({"image": s.image, "owner": owner, "ttl": "30s"}))
+        .request_env(json!({"image": s.image, "owner": owner, "ttl": "60s"}))
         .await?;
     assert_eq!(code, 202, "{body}");
     let id = body["id"].as_str().unwrap().to_string();
@@ -258,7 +260,7 @@ async fn mails_ready_failed_warning_expired_and_the_reaper_deletes() -> Result<(
     );
 
     let warning = sink
-        .wait_for(&format!("{id} expires in"), Duration::from_secs(30))
+        .wait_for(&format!("{id} expires in"), Duration::from_secs(60))
         .await?;
     assert!(
         warning
@@ -269,7 +271,7 @@ async fn mails_ready_failed_warning_expired_and_the_reaper_deletes() -> Result<(
     );
 
     // The reaper: gone from the API and the engine, and a last mail.
-    wait_gone(node, &id, Duration::from_secs(40)).await?;
+    wait_gone(node, &id, Duration::from_secs(70)).await?;
     let containers = s.engine.env_containers(&node.name).await?;
     assert!(
         !containers

@@ -133,6 +133,23 @@ async fn with_request_id(resp: Response, id: &str) -> Response {
     let bytes = axum::body::to_bytes(body, MAX_BODY)
         .await
         .unwrap_or_default();
+    // A JSON object keeps every field it has (`/healthz`'s report, a
+    // refusal's `reasons`) and gains the request id.
+    if !hide {
+        if let Ok(serde_json::Value::Object(mut obj)) =
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+        {
+            if obj.get("error").is_some_and(|e| e.is_string()) {
+                obj.insert(
+                    "request_id".into(),
+                    serde_json::Value::String(id.to_string()),
+                );
+                parts.headers.remove(header::CONTENT_LENGTH);
+                let body = serde_json::to_vec(&obj).unwrap_or_default();
+                return Response::from_parts(parts, axum::body::Body::from(body));
+            }
+        }
+    }
     let mut err: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_else(|_| ErrorBody {
         error: String::from_utf8_lossy(&bytes).into_owned(),
         field: None,

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +19,7 @@ use shoal::client::Client;
 use shoal::demo::DemoImage;
 use shoal::docker::Engine;
 use shoal::model::EnvRecord;
+use shoal::peer_auth::{PeerAuth, PeerKeys};
 
 use super::{build_image, raw};
 
@@ -40,9 +42,21 @@ pub struct Host {
     pub netns: String,
     pub client: Client,
     pub engine: Engine,
+    /// Signs node-to-node calls with the cluster's key (`<state>/cluster.key`,
+    /// made by `scripts/cluster up`), as the harness's own peer.
+    pub auth: Option<Arc<PeerAuth>>,
 }
 
 impl Host {
+    /// `c` as a signed node-to-node client of this host (what
+    /// `x-shoal-local` needs), when the cluster has the harness's key.
+    pub fn peer(&self, c: Client) -> Client {
+        match &self.auth {
+            Some(a) => c.signed(a.clone(), &self.name),
+            None => c,
+        }
+    }
+
     /// POSTs an environment request here; the status code and body.
     pub async fn request_env(&self, body: Value) -> Result<(u16, Value)> {
         raw(
@@ -73,8 +87,7 @@ impl Host {
     /// This node's own records (`x-shoal-local`: not the cluster-wide list).
     pub async fn local_envs(&self) -> Result<Vec<EnvRecord>> {
         Ok(self
-            .client
-            .clone()
+            .peer(self.client.clone())
             .with_header("x-shoal-local", "1")
             .get("/v1/environments")
             .await?)
@@ -163,8 +176,18 @@ impl Hosts {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        let key = hosts.dir.join("cluster.key");
+        let auth = if key.exists() {
+            let keyring = shoal::keyring::Keyring::load(&key)?;
+            Some(Arc::new(PeerAuth::new(
+                "harness",
+                PeerKeys::from_keyring(&keyring),
+            )))
+        } else {
+            None
+        };
         for line in String::from_utf8(out.stdout)?.lines() {
-            hosts.hosts.push(parse_line(line).await?);
+            hosts.hosts.push(parse_line(line, auth.clone()).await?);
         }
         anyhow::ensure!(hosts.hosts.len() == n, "expected {n} host lines");
         Ok(hosts)
@@ -397,7 +420,7 @@ impl Drop for Hosts {
 }
 
 /// Parses one `name=… api=… gossip=… docker=… netns=…` line.
-async fn parse_line(line: &str) -> Result<Host> {
+async fn parse_line(line: &str, auth: Option<Arc<PeerAuth>>) -> Result<Host> {
     let kv: HashMap<&str, &str> = line
         .split_whitespace()
         .filter_map(|w| w.split_once('='))
@@ -423,6 +446,7 @@ async fn parse_line(line: &str) -> Result<Host> {
         gossip: get("gossip")?,
         docker,
         netns: get("netns")?,
+        auth,
     })
 }
 
