@@ -12,7 +12,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use common::*;
 use serde_json::{json, Value};
 use shoal::client::Client;
@@ -21,24 +21,6 @@ use shoal::docker::Engine;
 use shoal::keyring::Keyring;
 use shoal::model::EnvRecord;
 use shoal::peer_auth::{self, Call, PeerKeys};
-
-/// Polls `check` until it returns true, at most `limit`.
-async fn wait_for<F, Fut>(limit: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(true) = check().await {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("condition not met within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 /// Waits until `n` sees `count` nodes alive with readable facts.
 async fn sees_alive(n: &Node, count: usize) -> Result<()> {

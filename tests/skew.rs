@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use common::*;
 use serde_json::{json, Value};
 use shoal::demo::DemoImage;
@@ -49,24 +49,6 @@ async fn cluster_with_env(dir: &std::path::Path, nodes: &[NodeSpec<'_>]) -> Resu
         .await?;
     }
     Ok(out)
-}
-
-/// Polls `check` until it returns true, at most `limit`.
-async fn wait_for<F, Fut>(limit: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(true) = check().await {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("condition not met within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 fn node_names(prefix: &str, n: usize) -> Vec<String> {

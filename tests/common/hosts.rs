@@ -21,6 +21,7 @@ use shoal::docker::Engine;
 use shoal::model::EnvRecord;
 use shoal::peer_auth::{PeerAuth, PeerKeys};
 
+pub use super::wait_for;
 use super::{build_image, raw};
 
 /// The script every cluster goes through.
@@ -71,17 +72,7 @@ impl Host {
     /// Polls an environment through this host until it leaves
     /// pending/loading/starting (at most 120 s).
     pub async fn wait_settled(&self, id: &str) -> Result<EnvRecord> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let rec: EnvRecord = self.client.get(&format!("/v1/environments/{id}")).await?;
-            if !matches!(rec.status.as_str(), "pending" | "loading" | "starting") {
-                return Ok(rec);
-            }
-            if Instant::now() > deadline {
-                bail!("environment {id} stuck in {} at {}", rec.status, self.name);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        super::settled(&self.client, id, || format!(" at {}", self.name)).await
     }
 
     /// This node's own records (`x-shoal-local`: not the cluster-wide list).
@@ -448,22 +439,4 @@ async fn parse_line(line: &str, auth: Option<Arc<PeerAuth>>) -> Result<Host> {
         netns: get("netns")?,
         auth,
     })
-}
-
-/// Polls `check` until it returns true, at most `limit`.
-pub async fn wait_for<F, Fut>(limit: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(true) = check().await {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("condition not met within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }

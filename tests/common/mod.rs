@@ -221,17 +221,7 @@ impl Node {
 
     /// Polls an environment until it leaves pending/loading/starting.
     pub async fn wait_settled(&self, id: &str) -> Result<EnvRecord> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let rec: EnvRecord = self.client.get(&format!("/v1/environments/{id}")).await?;
-            if !matches!(rec.status.as_str(), "pending" | "loading" | "starting") {
-                return Ok(rec);
-            }
-            if Instant::now() > deadline {
-                bail!("environment {id} stuck in {}: {}", rec.status, self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        settled(&self.client, id, || format!(": {}", self.log())).await
     }
 }
 
@@ -438,3 +428,37 @@ pub mod browser;
 pub mod checker;
 pub mod hosts;
 pub mod smtp;
+
+/// Polls `check` until it returns true, at most `limit`.
+pub async fn wait_for<F, Fut>(limit: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(true) = check().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("condition not met within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Polls environment `id` through `client` until it leaves
+/// pending/loading/starting (at most 120 s); `context` adds to the error.
+pub async fn settled(client: &Client, id: &str, context: impl Fn() -> String) -> Result<EnvRecord> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let rec: EnvRecord = client.get(&format!("/v1/environments/{id}")).await?;
+        if !matches!(rec.status.as_str(), "pending" | "loading" | "starting") {
+            return Ok(rec);
+        }
+        if Instant::now() > deadline {
+            bail!("environment {id} stuck in {}{}", rec.status, context());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
