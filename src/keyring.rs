@@ -41,6 +41,8 @@ const MAX_FILE_BYTES: u64 = 16 * 1024;
 const INFO_ID: &[u8] = b"shoal-v1 key id";
 const INFO_GOSSIP: &[u8] = b"shoal-v1 gossip seal";
 const INFO_HTTP: &[u8] = b"shoal-v1 http mac";
+const INFO_TOKEN: &[u8] = b"shoal-v1 user token";
+const INFO_WEB: &[u8] = b"shoal-v1 web csrf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
@@ -224,6 +226,16 @@ impl Keyring {
     /// Keys that authenticate node-to-node HTTP calls, primary first.
     pub fn http_keys(&self) -> Vec<Subkey> {
         self.subkeys(INFO_HTTP)
+    }
+
+    /// Keys that sign user tokens (`auth.rs`), primary first.
+    pub fn token_keys(&self) -> Vec<Subkey> {
+        self.subkeys(INFO_TOKEN)
+    }
+
+    /// Keys that make the web page's CSRF tokens, primary first.
+    pub fn web_keys(&self) -> Vec<Subkey> {
+        self.subkeys(INFO_WEB)
     }
 
     /// Reads a key file, refusing one that group or others may read.

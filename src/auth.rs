@@ -1,0 +1,544 @@
+//! Who is calling: user tokens any node can verify, roles, and what each
+//! role may do (pure; the HTTP side lives in `api.rs` and `web/`).
+//!
+//! A token is `shoal1.<claims>.<mac>`: the claims are JSON (user, role,
+//! token id, issue and expiry times, in seconds since the epoch) in
+//! unpadded base64url, the MAC is HMAC-SHA256 over `shoal1.<claims>` with
+//! the token subkey of the cluster key (HKDF, `keyring.rs`). The primary key
+//! signs; every key of the keyring verifies, so a key rotation keeps tokens
+//! valid until the old key leaves the file. There is no master: any node
+//! with the cluster key issues and checks tokens. A token is revoked by its
+//! id (`Revocations`), and expires at `exp`.
+//!
+//! Written by hand rather than with a JWT crate: the format needs one MAC
+//! and one JSON object, the MAC key is already derived from the keyring, and
+//! a JWT library would bring algorithm negotiation that must then be
+//! switched off.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::keyring::Keyring;
+
+/// The prefix of every token: the format's version.
+pub const TOKEN_PREFIX: &str = "shoal1.";
+
+/// Longest token accepted (a token is about 200 bytes).
+pub const MAX_TOKEN_LEN: usize = 2048;
+
+/// Longest user name (a mail address).
+pub const MAX_USER_LEN: usize = 254;
+
+/// Longest lifetime a token may be issued with.
+pub const MAX_TTL: Duration = Duration::from_secs(5 * 365 * 86400);
+
+/// The lifetime of a token when none is given.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(90 * 86400);
+
+/// Most revoked token ids a node keeps (each expires with its token).
+pub const MAX_REVOKED: usize = 4096;
+
+/// Tolerated clock skew when a token's issue time is in the future.
+pub const ISSUE_SKEW_SECS: u64 = 300;
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Requests environments for themselves; sees, extends and returns
+    /// their own (and those shared with them).
+    Tester,
+    /// Everything: publish, builds, any environment, cluster and workers.
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Tester => "tester",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = TokenError;
+    fn from_str(s: &str) -> Result<Role, TokenError> {
+        match s {
+            "tester" => Ok(Role::Tester),
+            "operator" => Ok(Role::Operator),
+            _ => Err(TokenError::BadRole(s.chars().take(32).collect())),
+        }
+    }
+}
+
+/// What a token says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The token's id (16 hex digits): what revocation names.
+    pub tid: String,
+    /// The user (a mail address, or any name without control characters).
+    pub sub: String,
+    pub role: Role,
+    /// Issued at, seconds since the epoch.
+    pub iat: u64,
+    /// Expires at, seconds since the epoch.
+    pub exp: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token is not a shoal token")]
+    Malformed,
+    #[error("the token's signature does not match any cluster key")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token has been revoked")]
+    Revoked,
+    #[error("unknown role {0:?} (tester or operator)")]
+    BadRole(String),
+    #[error("the user name must be 1 to 254 characters without control characters")]
+    BadUser,
+    #[error("the lifetime must be between 1 second and 5 years")]
+    BadTtl,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn mac(key: &[u8; 32], signed: &[u8]) -> HmacSha256 {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(signed);
+    m
+}
+
+/// Checks a user name as tokens and owners use it.
+pub fn check_user(user: &str) -> Result<(), TokenError> {
+    if user.is_empty()
+        || user.len() > MAX_USER_LEN
+        || user.trim() != user
+        || user.chars().any(|c| c.is_control())
+    {
+        return Err(TokenError::BadUser);
+    }
+    Ok(())
+}
+
+/// Issues a token for `user` with `role`, valid for `ttl` from `now`
+/// (seconds since the epoch), signed with the keyring's primary key.
+pub fn issue(
+    keyring: &Keyring,
+    user: &str,
+    role: Role,
+    ttl: Duration,
+    now: u64,
+) -> Result<(String, Claims), TokenError> {
+    check_user(user)?;
+    if ttl.is_zero() || ttl > MAX_TTL {
+        return Err(TokenError::BadTtl);
+    }
+    let mut id = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    let claims = Claims {
+        tid: hex::encode(id),
+        sub: user.to_string(),
+        role,
+        iat: now,
+        exp: now.saturating_add(ttl.as_secs()),
+    };
+    Ok((sign(keyring, &claims), claims))
+}
+
+/// The token text of `claims`, signed with the primary key.
+pub fn sign(keyring: &Keyring, claims: &Claims) -> String {
+    let body = B64.encode(serde_json::to_vec(claims).expect("claims serialize"));
+    let signed = format!("{TOKEN_PREFIX}{body}");
+    let key = &keyring.token_keys()[0];
+    let tag = mac(key.secret.bytes(), signed.as_bytes())
+        .finalize()
+        .into_bytes();
+    format!("{signed}.{}", B64.encode(tag))
+}
+
+/// Verifies a token at `now` (seconds since the epoch): its MAC under any
+/// key of the keyring, its times, and that it is not revoked.
+pub fn verify(
+    keyring: &Keyring,
+    token: &str,
+    now: u64,
+    revoked: &Revocations,
+) -> Result<Claims, TokenError> {
+    if token.len() > MAX_TOKEN_LEN || !token.starts_with(TOKEN_PREFIX) {
+        return Err(TokenError::Malformed);
+    }
+    let rest = &token[TOKEN_PREFIX.len()..];
+    let (body, tag) = rest.split_once('.').ok_or(TokenError::Malformed)?;
+    if body.is_empty() || tag.contains('.') {
+        return Err(TokenError::Malformed);
+    }
+    let signed = &token[..TOKEN_PREFIX.len() + body.len()];
+    let tag = B64.decode(tag).map_err(|_| TokenError::Malformed)?;
+    let ok = keyring.token_keys().iter().any(|k| {
+        mac(k.secret.bytes(), signed.as_bytes())
+            .verify_slice(&tag)
+            .is_ok()
+    });
+    if !ok {
+        return Err(TokenError::BadSignature);
+    }
+    let json = B64.decode(body).map_err(|_| TokenError::Malformed)?;
+    let claims: Claims = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
+    check_user(&claims.sub).map_err(|_| TokenError::Malformed)?;
+    if claims.iat > now.saturating_add(ISSUE_SKEW_SECS) {
+        return Err(TokenError::NotYetValid);
+    }
+    if now >= claims.exp {
+        return Err(TokenError::Expired);
+    }
+    if revoked.contains(&claims.tid) {
+        return Err(TokenError::Revoked);
+    }
+    Ok(claims)
+}
+
+/// Revoked token ids, each kept until its token would have expired.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocations {
+    /// Token id → its expiry (seconds since the epoch).
+    ids: BTreeMap<String, u64>,
+}
+
+impl Revocations {
+    pub fn contains(&self, tid: &str) -> bool {
+        self.ids.contains_key(tid)
+    }
+
+    /// Adds a revocation; false when the list is full of unexpired ids.
+    pub fn insert(&mut self, tid: &str, exp: u64, now: u64) -> bool {
+        self.prune(now);
+        if self.ids.len() >= MAX_REVOKED && !self.ids.contains_key(tid) {
+            return false;
+        }
+        let e = self.ids.entry(tid.to_string()).or_insert(exp);
+        *e = (*e).max(exp);
+        true
+    }
+
+    /// Merges another node's list (a union; expired ids dropped).
+    pub fn merge(&mut self, other: &Revocations, now: u64) {
+        for (tid, exp) in &other.ids {
+            self.insert(tid, *exp, now);
+        }
+    }
+
+    /// Drops the ids whose tokens have expired anyway.
+    pub fn prune(&mut self, now: u64) {
+        self.ids.retain(|_, exp| *exp > now);
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.ids.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+}
+
+/// How a caller proved who they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// `Authorization: Bearer` with this token id.
+    Token(String),
+    /// The web page's sign-in cookie (a token) with this token id.
+    Cookie(String),
+    /// A trusted header set by a configured reverse proxy.
+    ProxyHeader,
+}
+
+/// A verified caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    pub role: Role,
+    pub via: Via,
+}
+
+impl Identity {
+    pub fn from_claims(c: &Claims, via: fn(String) -> Via) -> Identity {
+        Identity {
+            user: c.sub.clone(),
+            role: c.role,
+            via: via(c.tid.clone()),
+        }
+    }
+
+    pub fn is_operator(&self) -> bool {
+        self.role == Role::Operator
+    }
+
+    /// May this caller see and extend an environment of `owner`, shared
+    /// with `shared`?
+    pub fn may_use(&self, owner: &str, shared: &[String]) -> bool {
+        self.is_operator()
+            || same_user(&self.user, owner)
+            || shared.iter().any(|s| same_user(&self.user, s))
+    }
+
+    /// May this caller return (delete) an environment of `owner`?
+    pub fn may_return(&self, owner: &str) -> bool {
+        self.is_operator() || same_user(&self.user, owner)
+    }
+
+    /// The owner a new environment gets: the caller, or (operators only)
+    /// the one named in the request.
+    pub fn owner_for(&self, requested: Option<&str>) -> Result<String, Denied> {
+        match requested.map(str::trim).filter(|s| !s.is_empty()) {
+            None => Ok(self.user.clone()),
+            Some(o) if same_user(o, &self.user) => Ok(self.user.clone()),
+            Some(o) if self.is_operator() => Ok(o.to_string()),
+            Some(_) => Err(Denied::OwnerNotSelf),
+        }
+    }
+
+    /// The token id, for audit lines.
+    pub fn token_id(&self) -> Option<&str> {
+        match &self.via {
+            Via::Token(t) | Via::Cookie(t) => Some(t),
+            Via::ProxyHeader => None,
+        }
+    }
+}
+
+/// User names compare without case (mail addresses).
+pub fn same_user(a: &str, b: &str) -> bool {
+    a.trim().eq_ignore_ascii_case(b.trim())
+}
+
+/// Why an identified caller may not do something (a 403).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("this needs the operator role")]
+    OperatorOnly,
+    #[error("this environment belongs to someone else")]
+    NotYours,
+    #[error("a tester may request environments only for themselves")]
+    OwnerNotSelf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(b: u8) -> Keyring {
+        Keyring::from_keys(vec![[b; 32]]).unwrap()
+    }
+
+    const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn issued_tokens_verify_and_carry_their_claims() {
+        let k = ring(1);
+        let (t, c) = issue(&k, "li@lab", Role::Tester, DEFAULT_TTL, NOW).unwrap();
+        assert!(t.starts_with(TOKEN_PREFIX));
+        assert!(t.len() < 400, "{}", t.len());
+        let got = verify(&k, &t, NOW + 10, &Revocations::default()).unwrap();
+        assert_eq!(got, c);
+        assert_eq!(got.sub, "li@lab");
+        assert_eq!(got.role, Role::Tester);
+        assert_eq!(got.exp, NOW + 90 * 86400);
+        assert_eq!(got.tid.len(), 16);
+    }
+
+    #[test]
+    fn verification_table() {
+        let k = ring(1);
+        let none = Revocations::default();
+        let (t, c) = issue(&k, "a@b", Role::Operator, Duration::from_secs(60), NOW).unwrap();
+        let mut revoked = Revocations::default();
+        revoked.insert(&c.tid, c.exp, NOW);
+        // A claim changed after signing (operator from tester).
+        let (tt, _) = issue(&k, "a@b", Role::Tester, Duration::from_secs(60), NOW).unwrap();
+        let (head, tag) = tt.rsplit_once('.').unwrap();
+        let json = String::from_utf8(B64.decode(&head[TOKEN_PREFIX.len()..]).unwrap()).unwrap();
+        let forged_body = B64.encode(json.replace("tester", "operator"));
+        let forged = format!("{TOKEN_PREFIX}{forged_body}.{tag}");
+        let future = sign(
+            &k,
+            &Claims {
+                iat: NOW + 3600,
+                ..c.clone()
+            },
+        );
+        let cases: Vec<(&str, String, u64, &Revocations, Result<(), TokenError>)> = vec![
+            ("valid", t.clone(), NOW, &none, Ok(())),
+            ("last second", t.clone(), NOW + 59, &none, Ok(())),
+            (
+                "expired",
+                t.clone(),
+                NOW + 60,
+                &none,
+                Err(TokenError::Expired),
+            ),
+            (
+                "revoked",
+                t.clone(),
+                NOW,
+                &revoked,
+                Err(TokenError::Revoked),
+            ),
+            (
+                "other key",
+                sign(&ring(2), &c),
+                NOW,
+                &none,
+                Err(TokenError::BadSignature),
+            ),
+            (
+                "forged role",
+                forged,
+                NOW,
+                &none,
+                Err(TokenError::BadSignature),
+            ),
+            (
+                "issued in the future",
+                future,
+                NOW,
+                &none,
+                Err(TokenError::NotYetValid),
+            ),
+            (
+                "empty",
+                String::new(),
+                NOW,
+                &none,
+                Err(TokenError::Malformed),
+            ),
+            (
+                "no prefix",
+                t[TOKEN_PREFIX.len()..].to_string(),
+                NOW,
+                &none,
+                Err(TokenError::Malformed),
+            ),
+            (
+                "no mac",
+                format!("{TOKEN_PREFIX}abc"),
+                NOW,
+                &none,
+                Err(TokenError::Malformed),
+            ),
+            (
+                "huge",
+                format!("{TOKEN_PREFIX}{}", "a".repeat(5000)),
+                NOW,
+                &none,
+                Err(TokenError::Malformed),
+            ),
+        ];
+        for (name, tok, now, rev, want) in cases {
+            let got = verify(&k, &tok, now, rev).map(|_| ());
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_key_of_the_ring_verifies_and_the_primary_signs() {
+        let old = ring(1);
+        let (t, _) = issue(&old, "a@b", Role::Tester, DEFAULT_TTL, NOW).unwrap();
+        let rotated = Keyring::from_keys(vec![[2; 32], [1; 32]]).unwrap();
+        assert!(verify(&rotated, &t, NOW, &Revocations::default()).is_ok());
+        let (t2, _) = issue(&rotated, "a@b", Role::Tester, DEFAULT_TTL, NOW).unwrap();
+        assert_eq!(
+            verify(&old, &t2, NOW, &Revocations::default()),
+            Err(TokenError::BadSignature)
+        );
+        assert!(verify(&ring(2), &t2, NOW, &Revocations::default()).is_ok());
+    }
+
+    #[test]
+    fn issue_checks_user_and_ttl() {
+        let k = ring(1);
+        for bad in ["", " a", "a\n", &"x".repeat(255)] {
+            assert_eq!(
+                issue(&k, bad, Role::Tester, DEFAULT_TTL, NOW).unwrap_err(),
+                TokenError::BadUser,
+                "{bad:?}"
+            );
+        }
+        for ttl in [Duration::ZERO, MAX_TTL + Duration::from_secs(1)] {
+            assert_eq!(
+                issue(&k, "a", Role::Tester, ttl, NOW).unwrap_err(),
+                TokenError::BadTtl
+            );
+        }
+        assert_eq!(
+            "admin".parse::<Role>(),
+            Err(TokenError::BadRole("admin".into()))
+        );
+    }
+
+    #[test]
+    fn revocations_expire_merge_and_stay_bounded() {
+        let mut r = Revocations::default();
+        assert!(r.insert("a", NOW + 10, NOW));
+        let mut other = Revocations::default();
+        other.insert("b", NOW + 100, NOW);
+        other.insert("a", NOW + 50, NOW);
+        r.merge(&other, NOW);
+        assert_eq!(
+            r.iter().collect::<Vec<_>>(),
+            vec![("a", NOW + 50), ("b", NOW + 100)]
+        );
+        r.prune(NOW + 60);
+        assert!(!r.contains("a") && r.contains("b"));
+        let mut full = Revocations::default();
+        for i in 0..MAX_REVOKED {
+            assert!(full.insert(&format!("{i}"), NOW + 10, NOW));
+        }
+        assert!(!full.insert("late", NOW + 10, NOW));
+        // Once they expire there is room again.
+        assert!(full.insert("late", NOW + 100, NOW + 20));
+        assert_eq!(full.len(), 1);
+    }
+
+    #[test]
+    fn who_may_do_what() {
+        let tester = Identity {
+            user: "Li@Lab".into(),
+            role: Role::Tester,
+            via: Via::Token("t".into()),
+        };
+        let op = Identity {
+            role: Role::Operator,
+            user: "ops@lab".into(),
+            ..tester.clone()
+        };
+        let shared = vec!["li@lab".to_string()];
+        assert!(tester.may_use("li@lab", &[]));
+        assert!(!tester.may_use("bo@lab", &[]));
+        assert!(tester.may_use("bo@lab", &shared));
+        assert!(!tester.may_return("bo@lab"));
+        assert!(tester.may_return("LI@lab"));
+        assert!(op.may_use("bo@lab", &[]) && op.may_return("bo@lab"));
+        assert_eq!(tester.owner_for(None).unwrap(), "Li@Lab");
+        assert_eq!(tester.owner_for(Some(" li@lab ")).unwrap(), "Li@Lab");
+        assert_eq!(tester.owner_for(Some("bo@lab")), Err(Denied::OwnerNotSelf));
+        assert_eq!(op.owner_for(Some("bo@lab")).unwrap(), "bo@lab");
+        assert_eq!(op.owner_for(Some("")).unwrap(), "ops@lab");
+    }
+}
