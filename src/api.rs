@@ -84,6 +84,8 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// `/healthz`'s bounded stat of the store.
     pub store_probe: crate::health::StoreProbe,
+    /// Tokens and who may do what (`auth.rs`).
+    pub auth: Arc<crate::auth::Authority>,
 }
 
 /// An error answer: status plus the JSON body.

@@ -16,6 +16,7 @@
 //! switched off.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -337,6 +338,91 @@ pub enum Denied {
     NotYours,
     #[error("a tester may request environments only for themselves")]
     OwnerNotSelf,
+}
+
+/// A reverse proxy whose header names the signed-in user (web page only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedProxy {
+    /// The header, e.g. `X-Forwarded-User`.
+    pub header: String,
+    /// The proxy addresses the header is believed from.
+    pub from: Vec<std::net::IpAddr>,
+}
+
+/// A node's live token state: the keyring that signs and verifies (swapped
+/// on a key reload), the revoked ids (merged from every node's gossip), and
+/// the access settings.
+#[derive(Debug)]
+pub struct Authority {
+    keyring: parking_lot::RwLock<Arc<Keyring>>,
+    revoked: parking_lot::Mutex<Revocations>,
+    /// Catalog and cluster reads without a token (`--open-read`).
+    pub open_read: bool,
+    /// The web page's trusted sign-in header (`--trusted-user-header`).
+    pub trusted: Option<TrustedProxy>,
+}
+
+/// Seconds since the epoch, now.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Authority {
+    pub fn new(keyring: Arc<Keyring>, open_read: bool, trusted: Option<TrustedProxy>) -> Authority {
+        Authority {
+            keyring: parking_lot::RwLock::new(keyring),
+            revoked: parking_lot::Mutex::new(Revocations::default()),
+            open_read,
+            trusted,
+        }
+    }
+
+    /// Verifies a token now.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let keyring = self.keyring.read().clone();
+        let revoked = self.revoked.lock();
+        verify(&keyring, token, now_secs(), &revoked)
+    }
+
+    /// Issues a token now with the primary key.
+    pub fn issue(
+        &self,
+        user: &str,
+        role: Role,
+        ttl: Duration,
+    ) -> Result<(String, Claims), TokenError> {
+        let keyring = self.keyring.read().clone();
+        issue(&keyring, user, role, ttl, now_secs())
+    }
+
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.keyring.read().clone()
+    }
+
+    /// A reloaded key file (rotation).
+    pub fn set_keyring(&self, keyring: Arc<Keyring>) {
+        *self.keyring.write() = keyring;
+    }
+
+    /// Revokes a token id until `exp`; false when the list is full.
+    pub fn revoke(&self, tid: &str, exp: u64) -> bool {
+        self.revoked.lock().insert(tid, exp, now_secs())
+    }
+
+    /// Merges revocations heard from another node.
+    pub fn merge_revocations(&self, other: &Revocations) {
+        self.revoked.lock().merge(other, now_secs());
+    }
+
+    /// A copy of the revoked ids (to gossip or persist).
+    pub fn revocations(&self) -> Revocations {
+        let mut r = self.revoked.lock();
+        r.prune(now_secs());
+        r.clone()
+    }
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ impl std::fmt::Debug for Reloader {
 
 /// Applies a reload: the key file is read again (a rotation step) and the
 /// seal mode taken from the new settings; nothing else changes live.
-fn reload_keys(cluster: &Cluster, reload: &Reloader) {
+fn reload_keys(cluster: &Cluster, authority: &crate::auth::Authority, reload: &Reloader) {
     let settings = match (reload.0)() {
         Ok(s) => s,
         Err(e) => {
@@ -72,6 +72,9 @@ fn reload_keys(cluster: &Cluster, reload: &Reloader) {
     };
     match load_keyring(&settings) {
         Ok(keyring) => {
+            if let Some(k) = &keyring {
+                authority.set_keyring(k.clone());
+            }
             cluster.reload_keys(settings.gossip_seal, keyring);
             let g = cluster.gossip_security();
             info!(node = %settings.name, seal = %g.mode, key_ids = ?g.key_ids, "reloaded the cluster key and seal mode (other settings apply on restart)");
@@ -123,6 +126,11 @@ pub async fn run(
         })
     })?;
     let keyring = load_keyring(&settings)?;
+    let authority = Arc::new(crate::auth::Authority::new(
+        token_keyring(&settings, keyring.as_ref())?,
+        false,
+        None,
+    ));
     // A store that never existed is created; one this node knew and that
     // is gone is refused until it is back (`store-watch` below). Either
     // way the node starts and serves what does not need the store.
@@ -167,6 +175,7 @@ pub async fn run(
     }
     if let Some(reload) = opts.reload.clone() {
         let cluster = cluster.clone();
+        let authority = authority.clone();
         workers.adopt(
             "key-reload",
             tokio::spawn(async move {
@@ -176,7 +185,7 @@ pub async fn run(
                     return;
                 };
                 while hup.recv().await.is_some() {
-                    reload_keys(&cluster, &reload);
+                    reload_keys(&cluster, &authority, &reload);
                 }
             }),
         );
@@ -223,6 +232,7 @@ pub async fn run(
         workers: workers.clone(),
         shutdown: stopping.clone(),
         store_probe: Default::default(),
+        auth: authority.clone(),
     });
 
     // Engine health: pings the engine, publishes its state (admission,
@@ -325,6 +335,25 @@ fn load_keyring(settings: &Settings) -> Result<Option<Arc<Keyring>>, DaemonError
     }
     info!(node = %settings.name, key_file = %path.display(), key_ids = ?ids, seal = settings.gossip_seal.as_str(), "cluster key loaded");
     Ok(Some(Arc::new(keyring)))
+}
+
+/// The keys that sign and verify user tokens: the cluster keyring, or,
+/// for a node that gossips unsealed without one (`--insecure-gossip`),
+/// `<data_dir>/cluster.key`, created on first start: tokens are required in
+/// every mode (such a node's tokens verify only where that file is).
+fn token_keyring(
+    settings: &Settings,
+    keyring: Option<&Arc<Keyring>>,
+) -> Result<Arc<Keyring>, DaemonError> {
+    if let Some(k) = keyring {
+        return Ok(k.clone());
+    }
+    let path = settings.data_dir.join("cluster.key");
+    let (k, created) = Keyring::load_or_create(&path)?;
+    if created {
+        info!(node = %settings.name, key_file = %path.display(), "created a key for user tokens (gossip stays unsealed)");
+    }
+    Ok(Arc::new(k))
 }
 
 /// Builds the embedded demo image and publishes it as [`DEMO_REF`] unless
