@@ -469,7 +469,14 @@ mod tests {
                 ..c.clone()
             },
         );
-        let cases: Vec<(&str, String, u64, &Revocations, Result<(), TokenError>)> = vec![
+        type Case<'a> = (
+            &'a str,
+            String,
+            u64,
+            &'a Revocations,
+            Result<(), TokenError>,
+        );
+        let cases: Vec<Case> = vec![
             ("valid", t.clone(), NOW, &none, Ok(())),
             ("last second", t.clone(), NOW + 59, &none, Ok(())),
             (
