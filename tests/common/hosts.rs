@@ -139,49 +139,13 @@ impl Hosts {
     /// Starts `n` hosts: `extra` flags on every daemon, then `each[i]` on
     /// host `i` alone (missing entries: none).
     pub async fn up_each(n: usize, extra: &[&str], each: &[&[&str]]) -> Result<Hosts> {
-        let tmp = tempfile::tempdir()?;
-        let dir = tmp.path().join("cluster");
-        let prefix = super::unique("h").chars().take(7).collect::<String>();
-        let mut cmd = tokio::process::Command::new(SCRIPT);
-        cmd.args(["up", &n.to_string(), "--prefix", &prefix, "--"])
-            .args(extra)
-            .env("SHOAL_CLUSTER_DIR", &dir)
-            .env("SHOAL_BIN", env!("CARGO_BIN_EXE_shoal"))
-            .stdin(Stdio::null());
-        for (i, flags) in each.iter().enumerate() {
-            cmd.env(format!("SHOAL_HOST{i}_FLAGS"), flags.join(" "));
-        }
-        let out = cmd.output().await.context("running scripts/cluster up")?;
-        // From here the cluster exists (or was removed by a failing `up`):
-        // the guard takes it down whatever happens next.
-        let mut hosts = Hosts {
-            hosts: Vec::new(),
-            store: dir.join("store"),
-            dir,
-            prefix,
-            _tmp: tmp,
-        };
-        if !out.status.success() {
-            bail!(
-                "scripts/cluster up {n} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let key = hosts.dir.join("cluster.key");
-        let auth = if key.exists() {
-            let keyring = shoal::keyring::Keyring::load(&key)?;
-            Some(Arc::new(PeerAuth::new(
-                "harness",
-                PeerKeys::from_keyring(&keyring),
-            )))
-        } else {
-            None
-        };
-        for line in String::from_utf8(out.stdout)?.lines() {
-            hosts.hosts.push(parse_line(line, auth.clone()).await?);
-        }
-        anyhow::ensure!(hosts.hosts.len() == n, "expected {n} host lines");
-        Ok(hosts)
+        let mut plan = Plan::new(n)?;
+        plan.extra = extra.iter().map(|s| s.to_string()).collect();
+        plan.each = each
+            .iter()
+            .map(|f| f.iter().map(|s| s.to_string()).collect())
+            .collect();
+        plan.up().await
     }
 
     pub fn host(&self, i: usize) -> &Host {
@@ -268,6 +232,38 @@ impl Hosts {
 
     pub async fn cont_dockerd(&self, i: usize) -> Result<()> {
         self.op("cont-dockerd", i).await
+    }
+
+    /// SIGHUP of host `i`'s shoal: it reads its key file and seal mode
+    /// again (returns at once; poll `GET /v1/node` for the result).
+    pub async fn hup_shoal(&self, i: usize) -> Result<()> {
+        self.op("hup-shoal", i).await
+    }
+
+    /// Runs `cmd` in host `i`'s network namespace (`scripts/cluster exec`):
+    /// it sends and receives as that host. Fails unless it exits 0.
+    pub async fn exec(&self, i: usize, cmd: &[&str]) -> Result<std::process::Output> {
+        let out = tokio::process::Command::new(SCRIPT)
+            .args(["exec", &self.hosts[i].name])
+            .args(cmd)
+            .env("SHOAL_CLUSTER_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!(
+                "scripts/cluster exec {} {cmd:?}: {}",
+                self.hosts[i].name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out)
+    }
+
+    /// The test bridge in the root namespace (every frame between hosts
+    /// crosses it).
+    pub fn bridge(&self) -> String {
+        format!("b{}", self.prefix)
     }
 
     /// Host `i`'s daemon log (every start appends).
@@ -368,6 +364,106 @@ impl Hosts {
             }
         }
         out
+    }
+}
+
+/// A cluster about to be made: its names and directories are known before
+/// `up`, so a test can write a host's files (a config, a key) into its
+/// directory first; `down` removes them with the rest.
+pub struct Plan {
+    pub n: usize,
+    /// Flags on every daemon.
+    pub extra: Vec<String>,
+    /// Flags of host `i` alone (`SHOAL_HOST<i>_FLAGS`; missing entries: none).
+    pub each: Vec<Vec<String>>,
+    /// Hosts whose shoal `up` does not start (`SHOAL_HOST<i>_DEFER`): the
+    /// others converge without them; [`Hosts::start_shoal`] starts one later.
+    pub defer: Vec<usize>,
+    pub dir: PathBuf,
+    pub prefix: String,
+    tmp: tempfile::TempDir,
+}
+
+impl Plan {
+    pub fn new(n: usize) -> Result<Plan> {
+        let tmp = tempfile::tempdir()?;
+        Ok(Plan {
+            n,
+            extra: Vec::new(),
+            each: Vec::new(),
+            defer: Vec::new(),
+            dir: tmp.path().join("cluster"),
+            prefix: super::unique("h").chars().take(7).collect(),
+            tmp,
+        })
+    }
+
+    /// Host `i`'s node name (and namespace).
+    pub fn name(&self, i: usize) -> String {
+        format!("{}-{i}", self.prefix)
+    }
+
+    /// Host `i`'s state directory, made here (as [`Hosts::host_dir`]).
+    pub fn host_dir(&self, i: usize) -> Result<PathBuf> {
+        let d = self.dir.join("hosts").join(self.name(i));
+        std::fs::create_dir_all(&d)?;
+        Ok(d)
+    }
+
+    /// `scripts/cluster up`.
+    pub async fn up(self) -> Result<Hosts> {
+        let Plan {
+            n,
+            extra,
+            each,
+            defer,
+            dir,
+            prefix,
+            tmp,
+        } = self;
+        let mut cmd = tokio::process::Command::new(SCRIPT);
+        cmd.args(["up", &n.to_string(), "--prefix", &prefix, "--"])
+            .args(&extra)
+            .env("SHOAL_CLUSTER_DIR", &dir)
+            .env("SHOAL_BIN", env!("CARGO_BIN_EXE_shoal"))
+            .stdin(Stdio::null());
+        for (i, flags) in each.iter().enumerate() {
+            cmd.env(format!("SHOAL_HOST{i}_FLAGS"), flags.join(" "));
+        }
+        for i in &defer {
+            cmd.env(format!("SHOAL_HOST{i}_DEFER"), "1");
+        }
+        let out = cmd.output().await.context("running scripts/cluster up")?;
+        // From here the cluster exists (or was removed by a failing `up`):
+        // the guard takes it down whatever happens next.
+        let mut hosts = Hosts {
+            hosts: Vec::new(),
+            store: dir.join("store"),
+            dir,
+            prefix,
+            _tmp: tmp,
+        };
+        if !out.status.success() {
+            bail!(
+                "scripts/cluster up {n} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let key = hosts.dir.join("cluster.key");
+        let auth = if key.exists() {
+            let keyring = shoal::keyring::Keyring::load(&key)?;
+            Some(Arc::new(PeerAuth::new(
+                "harness",
+                PeerKeys::from_keyring(&keyring),
+            )))
+        } else {
+            None
+        };
+        for line in String::from_utf8(out.stdout)?.lines() {
+            hosts.hosts.push(parse_line(line, auth.clone()).await?);
+        }
+        anyhow::ensure!(hosts.hosts.len() == n, "expected {n} host lines");
+        Ok(hosts)
     }
 }
 
