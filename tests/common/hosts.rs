@@ -225,6 +225,16 @@ impl Hosts {
         self.op("heal", i).await
     }
 
+    /// Drops host `i`'s outgoing gossip (its HTTP API still works): the
+    /// others stop hearing of its changes, and in time declare it dead.
+    pub async fn mute(&self, i: usize) -> Result<()> {
+        self.op("mute", i).await
+    }
+
+    pub async fn unmute(&self, i: usize) -> Result<()> {
+        self.op("unmute", i).await
+    }
+
     /// kill -9 of host `i`'s shoal daemon.
     pub async fn kill_shoal(&self, i: usize) -> Result<()> {
         self.op("kill-shoal", i).await
