@@ -358,6 +358,7 @@ impl Cluster {
         NodeFacts {
             engine: engine.state,
             engine_since: u64::try_from(engine.since.unix_timestamp()).ok(),
+            store: self.envs.store().status().state,
             name: s.name.clone(),
             http_addr: self.http_addr.clone(),
             roles: self.roles.clone(),
@@ -567,12 +568,14 @@ impl Cluster {
                         e @ (EnvError::Refused { .. }
                         | EnvError::Draining(_)
                         | EnvError::DiskFull { .. }
-                        | EnvError::EngineDown { .. }),
+                        | EnvError::EngineDown { .. }
+                        | EnvError::Store(crate::store::StoreError::Unavailable { .. })),
                     ) => {
                         let resource = match &e {
                             EnvError::Refused { shortage, .. } => shortage.resource(),
                             EnvError::DiskFull { .. } => "disk",
                             EnvError::EngineDown { .. } => "engine",
+                            EnvError::Store(_) => "store",
                             _ => "draining",
                         };
                         reasons.push(NodeReason {
@@ -707,7 +710,9 @@ impl Cluster {
             None => self.placed.lock().get(id, std::time::Instant::now()),
         };
         let route = route_env(
-            gossiped.as_ref().map(|(n, _)| (n.name.as_str(), liveness(Some(n)))),
+            gossiped
+                .as_ref()
+                .map(|(n, _)| (n.name.as_str(), liveness(Some(n)))),
             remembered
                 .as_ref()
                 .map(|r| (r.node.as_str(), liveness(view.node(&r.node)))),
@@ -893,11 +898,9 @@ impl Cluster {
         let now = std::time::Instant::now();
         let mut placed = self.placed.lock();
         placed.prune(now, |id| {
-            view.nodes.iter().any(|n| {
-                n.facts
-                    .as_ref()
-                    .is_some_and(|f| f.envs.contains_key(id))
-            })
+            view.nodes
+                .iter()
+                .any(|n| n.facts.as_ref().is_some_and(|f| f.envs.contains_key(id)))
         });
         placed.insert(node, rec, now);
     }
@@ -921,10 +924,11 @@ impl Cluster {
             .into_iter()
             .filter(|r| liveness(view.node(&r.node)) != Liveness::Alive)
             .filter(|r| {
-                !view
-                    .nodes
-                    .iter()
-                    .any(|n| n.facts.as_ref().is_some_and(|f| f.envs.contains_key(&r.rec.id)))
+                !view.nodes.iter().any(|n| {
+                    n.facts
+                        .as_ref()
+                        .is_some_and(|f| f.envs.contains_key(&r.rec.id))
+                })
             })
             .map(|r| r.lost())
             .collect()
@@ -1074,7 +1078,11 @@ impl Placements {
     }
 
     pub fn all(&self, now: std::time::Instant) -> Vec<PlacedEnv> {
-        self.entries.iter().filter(|e| e.until > now).cloned().collect()
+        self.entries
+            .iter()
+            .filter(|e| e.until > now)
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -1164,7 +1172,8 @@ mod tests {
         use Liveness::*;
         let ask = |n: &str| EnvRoute::Ask(n.into());
         let lost = |n: &str| EnvRoute::Lost(n.into());
-        let cases: Vec<(Option<(&str, Liveness)>, Option<(&str, Liveness)>, EnvRoute)> = vec![
+        type Seen<'a> = Option<(&'a str, Liveness)>;
+        let cases: Vec<(Seen, Seen, EnvRoute)> = vec![
             (None, None, EnvRoute::AskEveryone),
             (Some(("a", Alive)), None, ask("a")),
             (Some(("a", Down)), None, lost("a")),
@@ -1207,7 +1216,10 @@ mod tests {
         assert_eq!(got.node, "n1");
         let lost = got.lost();
         assert_eq!(lost.status, EnvStatus::Lost);
-        assert_eq!((lost.id.as_str(), lost.owner.as_str()), ("e1", "a@example.com"));
+        assert_eq!(
+            (lost.id.as_str(), lost.owner.as_str()),
+            ("e1", "a@example.com")
+        );
         assert!(lost.error.unwrap().contains("n1"));
         // Re-inserting an id replaces it.
         p.insert("n2", rec("e1"), t0);

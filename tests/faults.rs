@@ -249,7 +249,8 @@ async fn kill_9_of_a_hosts_shoal_mid_stream_then_restart_loses_and_duplicates_no
     assert_eq!(code, 503, "a delete of a lost environment: {body}");
     let list: Vec<EnvRecord> = hosts.host(0).client.get("/v1/environments").await?;
     assert!(
-        list.iter().any(|r| r.id == id && r.status.as_str() == "lost"),
+        list.iter()
+            .any(|r| r.id == id && r.status.as_str() == "lost"),
         "{id} not listed lost"
     );
     let report = checker::check(&hosts, &history, &limits, &[&before, &mid], &[1]).await?;

@@ -345,7 +345,9 @@ pub async fn check(
             "ready" => running_on.len() == 1 && Some(running_on[0]) == owner,
             "failed" => running_on.is_empty() && !error.is_empty(),
             "lost" => owner_down,
-            "absent" if owner_down && entry_down && running_on.iter().all(|i| Some(*i) == owner) => {
+            "absent"
+                if owner_down && entry_down && running_on.iter().all(|i| Some(*i) == owner) =>
+            {
                 report.unannounced.push(rec.id.clone());
                 true
             }
