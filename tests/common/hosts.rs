@@ -139,6 +139,17 @@ impl Hosts {
     /// Starts `n` hosts: `extra` flags on every daemon, then `each[i]` on
     /// host `i` alone (missing entries: none).
     pub async fn up_each(n: usize, extra: &[&str], each: &[&[&str]]) -> Result<Hosts> {
+        Hosts::up_env(n, extra, each, &[]).await
+    }
+
+    /// As [`Hosts::up_each`], with settings of `scripts/cluster` in `env`
+    /// (`SHOAL_HOST1_STORE_VIEW`, `SHOAL_HOST2_DATA_SIZE`, …).
+    pub async fn up_env(
+        n: usize,
+        extra: &[&str],
+        each: &[&[&str]],
+        env: &[(&str, &str)],
+    ) -> Result<Hosts> {
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("cluster");
         let prefix = super::unique("h").chars().take(7).collect::<String>();
@@ -151,6 +162,7 @@ impl Hosts {
         for (i, flags) in each.iter().enumerate() {
             cmd.env(format!("SHOAL_HOST{i}_FLAGS"), flags.join(" "));
         }
+        cmd.envs(env.iter().copied());
         let out = cmd.output().await.context("running scripts/cluster up")?;
         // From here the cluster exists (or was removed by a failing `up`):
         // the guard takes it down whatever happens next.
@@ -292,6 +304,11 @@ impl Hosts {
     /// Host `i`'s state directory (`shoal/` is the daemon's data dir).
     pub fn host_dir(&self, i: usize) -> PathBuf {
         self.dir.join("hosts").join(&self.hosts[i].name)
+    }
+
+    /// Host `i`'s own view of the store (`SHOAL_HOST<i>_STORE_VIEW`).
+    pub fn store_view(&self, i: usize) -> PathBuf {
+        self.host_dir(i).join("store")
     }
 
     /// Host `i`'s data directory.
