@@ -743,6 +743,9 @@ async fn get_env(
         if let Some(f) = s.cluster.forward_env(hyper::Method::GET, &id).await {
             return Ok(passthrough(f?));
         }
+    } else if let Some(rec) = s.cluster.remembered_lost(&id) {
+        // A peer asking everyone: this node placed it on a node now down.
+        return Ok(Json(rec).into_response());
     }
     Err(ApiError::field(
         StatusCode::NOT_FOUND,

@@ -453,6 +453,9 @@ impl Envs {
             _ => {}
         }
         self.engine_ready()?;
+        // Its image is loaded from the store: refuse while the store is
+        // unavailable here (placement elsewhere reads `store` in gossip).
+        self.store.usable()?;
         let cap = self.capacity()?;
         let id = new_id();
         let created_at = now_s();

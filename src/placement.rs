@@ -6,7 +6,8 @@
 //! 1. alive (not dead, not left) and its facts readable;
 //! 2. not draining;
 //! 3. its Docker engine answers (gossip key `engine`: not `unreachable`
-//!    or `hung`);
+//!    or `hung`), and it can read the image store (gossip key `store`:
+//!    not `unavailable`; a read-only store still loads);
 //! 4. has role `slave` (a node with no roles configured has every role);
 //! 5. every request constraint `k=v` equals the node's label `k`;
 //! 6. a free environment slot: `env_count < max_envs`;
@@ -42,8 +43,8 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::archive::{held_prefix_short, Digest};
-use crate::cluster::keys::EngineState;
 use crate::cluster::keys::LAYER_PREFIX_LEN;
+use crate::cluster::keys::{EngineState, StoreState};
 use crate::cluster::{NodeView, Role};
 use crate::store::Manifest;
 use crate::units::format_size;
@@ -93,6 +94,8 @@ pub enum Reason {
     EngineDown {
         engine: EngineState,
     },
+    /// The node cannot read the image store (missing, unmounted, hung).
+    StoreUnavailable,
     NotSlave {
         roles: Vec<Role>,
     },
@@ -127,6 +130,7 @@ impl Reason {
             Reason::MaxEnvs { .. } => Some("max_envs"),
             Reason::Draining => Some("draining"),
             Reason::EngineDown { .. } => Some("engine"),
+            Reason::StoreUnavailable => Some("store"),
             _ => None,
         }
     }
@@ -154,6 +158,10 @@ impl fmt::Display for Reason {
                     "engine unreachable (the node's docker engine does not answer)"
                 )
             }
+            Reason::StoreUnavailable => write!(
+                f,
+                "store unavailable (the node cannot read the image store)"
+            ),
             Reason::NotSlave { roles } => {
                 let r: Vec<&str> = roles.iter().map(Role::as_str).collect();
                 write!(f, "node is not a slave (roles: {})", r.join(", "))
@@ -269,6 +277,9 @@ fn check(
     }
     if !f.engine.is_ok() {
         return Err(Reason::EngineDown { engine: f.engine });
+    }
+    if f.store == StoreState::Unavailable {
+        return Err(Reason::StoreUnavailable);
     }
     if !f.has_role(Role::Slave) {
         return Err(Reason::NotSlave {
@@ -560,6 +571,36 @@ mod tests {
                     ("fine", Ok(())),
                 ],
             ),
+            // The store: unavailable leaves the node out (with its reason,
+            // resource `store`); read-only still loads, so it places.
+            (
+                vec![
+                    with("nostore", |_, f| f.store = StoreState::Unavailable),
+                    with("ro", |_, f| f.store = StoreState::ReadOnly),
+                    // The engine is reported before the store.
+                    with("both", |_, f| {
+                        f.engine = EngineState::Unreachable;
+                        f.store = StoreState::Unavailable
+                    }),
+                    // The store before any shortage.
+                    with("nostore-full", |_, f| {
+                        f.store = StoreState::Unavailable;
+                        f.env_count = 8
+                    }),
+                ],
+                req(GIB, 0),
+                vec![
+                    ("nostore", Err(Reason::StoreUnavailable)),
+                    ("ro", Ok(())),
+                    (
+                        "both",
+                        Err(Reason::EngineDown {
+                            engine: EngineState::Unreachable,
+                        }),
+                    ),
+                    ("nostore-full", Err(Reason::StoreUnavailable)),
+                ],
+            ),
             // Draining is reported before the engine; the engine before
             // any shortage.
             (
@@ -737,6 +778,10 @@ mod tests {
                     engine: EngineState::Hung,
                 },
                 "engine hung (the node's docker engine takes connections but does not answer)",
+            ),
+            (
+                Reason::StoreUnavailable,
+                "store unavailable (the node cannot read the image store)",
             ),
             (
                 Reason::NotSlave {

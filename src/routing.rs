@@ -209,6 +209,9 @@ pub struct Cluster {
     /// reload is still a replay after it).
     peer_nonces: Arc<Mutex<NonceCache>>,
     seal_stats: Arc<SealStats>,
+    /// Creates this node forwarded that gossip may not show yet
+    /// ([`Placements`]). A std mutex: held only to look up or record.
+    placed: Mutex<Placements>,
 }
 
 /// Why a request could not be routed or served.
@@ -272,6 +275,7 @@ impl Cluster {
             cluster_id: settings.cluster_id.clone(),
             insecure: settings.insecure_gossip,
             seal_stats: Arc::default(),
+            placed: Mutex::new(Placements::default()),
         };
         me.refresh_layers().await;
         let gossip =
@@ -354,6 +358,7 @@ impl Cluster {
         NodeFacts {
             engine: engine.state,
             engine_since: u64::try_from(engine.since.unix_timestamp()).ok(),
+            store: self.envs.store().status().state,
             name: s.name.clone(),
             http_addr: self.http_addr.clone(),
             roles: self.roles.clone(),
@@ -563,12 +568,14 @@ impl Cluster {
                         e @ (EnvError::Refused { .. }
                         | EnvError::Draining(_)
                         | EnvError::DiskFull { .. }
-                        | EnvError::EngineDown { .. }),
+                        | EnvError::EngineDown { .. }
+                        | EnvError::Store(crate::store::StoreError::Unavailable { .. })),
                     ) => {
                         let resource = match &e {
                             EnvError::Refused { shortage, .. } => shortage.resource(),
                             EnvError::DiskFull { .. } => "disk",
                             EnvError::EngineDown { .. } => "engine",
+                            EnvError::Store(_) => "store",
                             _ => "draining",
                         };
                         reasons.push(NodeReason {
@@ -598,6 +605,7 @@ impl Cluster {
             {
                 Ok((status, answer)) if status == StatusCode::ACCEPTED => {
                     debug!(node = %cand.node, "placed");
+                    self.remember(&cand.node, &answer);
                     return Ok(Forwarded {
                         status,
                         body: answer,
@@ -691,26 +699,49 @@ impl Cluster {
         if !crate::cluster::keys::valid_name(id) {
             return None;
         }
-        let Some((node, summary)) = self.owner_of(id) else {
-            return self.ask_everyone(method, id, suffix, body).await;
+        let view = self.view();
+        let gossiped = self.owner_of(id);
+        let remembered = match &gossiped {
+            // Gossip shows it: the entry's memory is no longer needed.
+            Some(_) => {
+                self.placed.lock().forget(id);
+                None
+            }
+            None => self.placed.lock().get(id, std::time::Instant::now()),
         };
-        if !node.alive || node.left {
-            if method == hyper::Method::GET {
-                let rec = lost_record(&node.name, &summary);
-                return Some(Ok(Forwarded {
-                    status: StatusCode::OK,
-                    body: serde_json::to_vec(&rec).expect("serializes").into(),
+        let route = route_env(
+            gossiped
+                .as_ref()
+                .map(|(n, _)| (n.name.as_str(), liveness(Some(n)))),
+            remembered
+                .as_ref()
+                .map(|r| (r.node.as_str(), liveness(view.node(&r.node)))),
+        );
+        let node = match route {
+            EnvRoute::AskEveryone => return self.ask_everyone(method, id, suffix, body).await,
+            EnvRoute::Lost(node) => {
+                if method == hyper::Method::GET && suffix.is_empty() {
+                    let rec = match (&gossiped, &remembered) {
+                        (Some((_, summary)), _) => lost_record(&node, summary),
+                        (None, Some(r)) => r.lost(),
+                        (None, None) => return None,
+                    };
+                    return Some(Ok(Forwarded {
+                        status: StatusCode::OK,
+                        body: serde_json::to_vec(&rec).expect("serializes").into(),
+                    }));
+                }
+                return Some(Err(RouteError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    error: format!("environment {id} is on node {node}, which is unreachable"),
+                    reasons: Vec::new(),
                 }));
             }
-            return Some(Err(RouteError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                error: format!(
-                    "environment {id} is on node {}, which is unreachable",
-                    node.name
-                ),
-                reasons: Vec::new(),
-            }));
-        }
+            EnvRoute::Ask(name) => match gossiped {
+                Some((n, _)) => n,
+                None => view.node(&name)?.clone(),
+            },
+        };
         let client = self.peer(&node)?;
         Some(
             client
@@ -760,6 +791,19 @@ impl Cluster {
                 _ => None,
             });
         let (client, body) = found?;
+        let lost = serde_json::from_slice::<EnvRecord>(&body)
+            .ok()
+            .filter(|r| r.status == EnvStatus::Lost);
+        if let (Some(r), false) = (&lost, method == hyper::Method::GET && suffix.is_empty()) {
+            return Some(Err(RouteError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                error: format!(
+                    "environment {id} is on node {}, which is unreachable",
+                    r.node
+                ),
+                reasons: Vec::new(),
+            }));
+        }
         if method == hyper::Method::GET && suffix.is_empty() {
             return Some(Ok(Forwarded {
                 status: StatusCode::OK,
@@ -834,8 +878,60 @@ impl Cluster {
                 }
             }
         }
+        for rec in self.remembered_lost_all(&view) {
+            if !out.iter().any(|r| r.id == rec.id) {
+                out.push(rec);
+            }
+        }
         out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
         out
+    }
+
+    /// Remembers a create forwarded to `node` that it accepted (`answer`:
+    /// its 202 body), until gossip shows it ([`Placements`]).
+    fn remember(&self, node: &str, answer: &Bytes) {
+        let Ok(rec) = serde_json::from_slice::<EnvRecord>(answer) else {
+            warn!(node = %node, "accepted create without a readable record, not remembered");
+            return;
+        };
+        let view = self.view();
+        let now = std::time::Instant::now();
+        let mut placed = self.placed.lock();
+        placed.prune(now, |id| {
+            view.nodes
+                .iter()
+                .any(|n| n.facts.as_ref().is_some_and(|f| f.envs.contains_key(id)))
+        });
+        placed.insert(node, rec, now);
+    }
+
+    /// Environment `id` as this node remembers placing it, shown `lost`
+    /// when its node is down and gossip never listed it (what this node
+    /// answers a peer's local read of it; `None` otherwise).
+    pub fn remembered_lost(&self, id: &str) -> Option<EnvRecord> {
+        let r = self.placed.lock().get(id, std::time::Instant::now())?;
+        let view = self.view();
+        match route_env(None, Some((&r.node, liveness(view.node(&r.node))))) {
+            EnvRoute::Lost(_) if self.owner_of(id).is_none() => Some(r.lost()),
+            _ => None,
+        }
+    }
+
+    fn remembered_lost_all(&self, view: &ClusterView) -> Vec<EnvRecord> {
+        let now = std::time::Instant::now();
+        let placed = self.placed.lock().all(now);
+        placed
+            .into_iter()
+            .filter(|r| liveness(view.node(&r.node)) != Liveness::Alive)
+            .filter(|r| {
+                !view.nodes.iter().any(|n| {
+                    n.facts
+                        .as_ref()
+                        .is_some_and(|f| f.envs.contains_key(&r.rec.id))
+                })
+            })
+            .map(|r| r.lost())
+            .collect()
     }
 
     /// Says goodbye to the cluster.
@@ -845,6 +941,156 @@ impl Cluster {
                 warn!(error = %e, "leaving the cluster");
             }
         }
+    }
+}
+
+/// How the view shows a node, for [`route_env`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    /// Dead per the failure detector, or left.
+    Down,
+    /// Not in the view at all (dropped after its dead grace period).
+    Unknown,
+}
+
+fn liveness(n: Option<&NodeView>) -> Liveness {
+    match n {
+        None => Liveness::Unknown,
+        Some(n) if n.alive && !n.left => Liveness::Alive,
+        Some(_) => Liveness::Down,
+    }
+}
+
+/// Where a call on an environment goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvRoute {
+    /// To this node, which owns it.
+    Ask(String),
+    /// Nowhere: its node (named) is down; a read shows it `lost`.
+    Lost(String),
+    /// Nobody is known to have it: ask every live node.
+    AskEveryone,
+}
+
+/// Routes a call on an environment (pure). `gossiped`: the node whose
+/// gossip lists it; `remembered`: the node this node forwarded its create
+/// to ([`Placements`]), for an environment gossip does not show yet. Gossip
+/// wins; a remembered node is asked directly while it is alive, and its
+/// environment is `lost` once it is down or gone from the view (it
+/// accepted the create, so the environment may run there).
+pub fn route_env(
+    gossiped: Option<(&str, Liveness)>,
+    remembered: Option<(&str, Liveness)>,
+) -> EnvRoute {
+    match (gossiped, remembered) {
+        (Some((n, Liveness::Alive)), _) => EnvRoute::Ask(n.to_string()),
+        (Some((n, _)), _) => EnvRoute::Lost(n.to_string()),
+        (None, Some((n, Liveness::Alive))) => EnvRoute::Ask(n.to_string()),
+        (None, Some((n, _))) => EnvRoute::Lost(n.to_string()),
+        (None, None) => EnvRoute::AskEveryone,
+    }
+}
+
+/// At most this many forwarded creates are remembered (the oldest go).
+pub const PLACED_CAP: usize = 1024;
+/// How long a forwarded create is remembered when its answer names no
+/// expiry: gossip lists a new environment within seconds, so this only
+/// matters for a node that died before it did.
+pub const PLACED_TTL: Duration = Duration::from_secs(3600);
+
+/// One create this node forwarded and the other node accepted.
+#[derive(Debug, Clone)]
+pub struct PlacedEnv {
+    pub node: String,
+    /// The accepting node's 202 answer (id, owner, image, created_at, …).
+    pub rec: EnvRecord,
+    /// Forgotten after this.
+    pub until: std::time::Instant,
+}
+
+impl PlacedEnv {
+    /// The record shown while its node is down.
+    pub fn lost(&self) -> EnvRecord {
+        let mut r = self.rec.clone();
+        r.node = self.node.clone();
+        r.status = EnvStatus::Lost;
+        r.error = Some(format!(
+            "node {} is unreachable (it accepted this environment before it went down)",
+            self.node
+        ));
+        r
+    }
+}
+
+/// The entry node's memory of the creates it forwarded, for the moment
+/// between a node's 202 and its gossip listing the environment: a node
+/// killed in that moment would otherwise leave its environment unknown to
+/// every other node (404 instead of `lost`). In memory only, bounded by
+/// [`PLACED_CAP`], each entry kept until gossip shows the environment, or
+/// until its expiry ([`PLACED_TTL`] when it has none): it is a hint for a
+/// short window, and a journal write on every forward would put the
+/// entry's disk in the path of every create. A crash of the entry node
+/// loses it (the owner's own journal still has the environment, which
+/// shows again when the owner is back).
+#[derive(Debug, Default)]
+pub struct Placements {
+    /// Oldest first.
+    entries: std::collections::VecDeque<PlacedEnv>,
+}
+
+impl Placements {
+    pub fn insert(&mut self, node: &str, rec: EnvRecord, now: std::time::Instant) {
+        let ttl = rec
+            .expires_at
+            .map(|e| {
+                let left = e - time::OffsetDateTime::now_utc();
+                Duration::try_from(left).unwrap_or(Duration::ZERO)
+            })
+            .unwrap_or(PLACED_TTL)
+            .max(Duration::from_secs(60));
+        self.entries.retain(|e| e.rec.id != rec.id);
+        self.entries.push_back(PlacedEnv {
+            node: node.to_string(),
+            rec,
+            until: now + ttl,
+        });
+        while self.entries.len() > PLACED_CAP {
+            self.entries.pop_front();
+        }
+    }
+
+    /// Drops the expired entries and those `gossiped` says gossip lists.
+    pub fn prune(&mut self, now: std::time::Instant, gossiped: impl Fn(&str) -> bool) {
+        self.entries
+            .retain(|e| e.until > now && !gossiped(e.rec.id.as_str()));
+    }
+
+    pub fn forget(&mut self, id: &str) {
+        self.entries.retain(|e| e.rec.id != id);
+    }
+
+    pub fn get(&self, id: &str, now: std::time::Instant) -> Option<PlacedEnv> {
+        self.entries
+            .iter()
+            .find(|e| e.rec.id == id && e.until > now)
+            .cloned()
+    }
+
+    pub fn all(&self, now: std::time::Instant) -> Vec<PlacedEnv> {
+        self.entries
+            .iter()
+            .filter(|e| e.until > now)
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 
@@ -919,6 +1165,86 @@ mod tests {
         check(2500, 2000, 400, false);
         check(2500, 2000, 600, true);
         check(0, 0, 0, true);
+    }
+
+    #[test]
+    fn env_route_table() {
+        use Liveness::*;
+        let ask = |n: &str| EnvRoute::Ask(n.into());
+        let lost = |n: &str| EnvRoute::Lost(n.into());
+        type Seen<'a> = Option<(&'a str, Liveness)>;
+        let cases: Vec<(Seen, Seen, EnvRoute)> = vec![
+            (None, None, EnvRoute::AskEveryone),
+            (Some(("a", Alive)), None, ask("a")),
+            (Some(("a", Down)), None, lost("a")),
+            // Gossip wins over the entry's memory.
+            (Some(("a", Alive)), Some(("b", Down)), ask("a")),
+            (Some(("a", Down)), Some(("a", Alive)), lost("a")),
+            // Accepted a moment ago, not gossiped yet: ask it directly...
+            (None, Some(("b", Alive)), ask("b")),
+            // ...and once it is down (killed before its gossip went out),
+            // or dropped from the view, it is lost, not unknown.
+            (None, Some(("b", Down)), lost("b")),
+            (None, Some(("b", Unknown)), lost("b")),
+        ];
+        for (g, r, want) in cases {
+            assert_eq!(route_env(g, r), want, "{g:?} {r:?}");
+        }
+    }
+
+    fn rec(id: &str) -> EnvRecord {
+        let s = EnvSummary {
+            id: id.into(),
+            image: "demo:1".into(),
+            owner: "a@example.com".into(),
+            status: "pending".into(),
+            memory: 1 << 20,
+            endpoints: vec![],
+        };
+        let mut r = lost_record("n1", &s);
+        r.status = EnvStatus::Pending;
+        r.error = None;
+        r
+    }
+
+    #[test]
+    fn placements_are_bounded_pruned_and_expire() {
+        let t0 = std::time::Instant::now();
+        let mut p = Placements::default();
+        p.insert("n1", rec("e1"), t0);
+        let got = p.get("e1", t0).expect("remembered");
+        assert_eq!(got.node, "n1");
+        let lost = got.lost();
+        assert_eq!(lost.status, EnvStatus::Lost);
+        assert_eq!(
+            (lost.id.as_str(), lost.owner.as_str()),
+            ("e1", "a@example.com")
+        );
+        assert!(lost.error.unwrap().contains("n1"));
+        // Re-inserting an id replaces it.
+        p.insert("n2", rec("e1"), t0);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p.get("e1", t0).unwrap().node, "n2");
+        // Expired: not returned, pruned.
+        let later = t0 + PLACED_TTL + Duration::from_secs(1);
+        assert!(p.get("e1", later).is_none());
+        p.prune(later, |_| false);
+        assert!(p.is_empty());
+        // Gossip lists it: pruned.
+        p.insert("n1", rec("e2"), t0);
+        p.insert("n1", rec("e3"), t0);
+        p.prune(t0, |id| id == "e2");
+        assert!(p.get("e2", t0).is_none() && p.get("e3", t0).is_some());
+        p.forget("e3");
+        assert!(p.is_empty());
+        // Bounded: the oldest go first.
+        for i in 0..PLACED_CAP + 5 {
+            p.insert("n1", rec(&format!("x{i}")), t0);
+        }
+        assert_eq!(p.len(), PLACED_CAP);
+        assert!(p.get("x0", t0).is_none() && p.get("x4", t0).is_none());
+        assert!(p.get("x5", t0).is_some());
+        assert_eq!(p.all(t0).len(), PLACED_CAP);
     }
 
     #[tokio::test(start_paused = true)]

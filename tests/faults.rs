@@ -221,5 +221,41 @@ async fn kill_9_of_a_hosts_shoal_mid_stream_then_restart_loses_and_duplicates_no
             .all(|s| s == "ready" || s == "failed"),
         "{report:?}"
     );
+
+    // Killed right after a forwarded 202, before its gossip carried the
+    // environment (host 1's gossip is muted so that moment lasts): the
+    // entry node remembers where it placed it, so the environment is
+    // `lost` at the entry node and at any other, never 404.
+    hosts.mute(1).await?;
+    let a = history
+        .create(&hosts, 0, req(&image, "unannounced", json!({"host": "1"})))
+        .await;
+    let killed = hosts.kill_shoal(1).await;
+    hosts.unmute(1).await?;
+    killed?;
+    assert_eq!(a.code, 202, "{}", a.body);
+    assert_eq!(a.body["node"], hosts.host(1).name.as_str(), "{}", a.body);
+    let id = a.body["id"].as_str().unwrap().to_string();
+    for i in [0, 2] {
+        wait_status(&hosts, i, &id, "lost").await?;
+    }
+    let (code, body) = common::raw(
+        &hosts.host(2).client,
+        "DELETE",
+        &format!("/v1/environments/{id}"),
+        None,
+    )
+    .await?;
+    assert_eq!(code, 503, "a delete of a lost environment: {body}");
+    let list: Vec<EnvRecord> = hosts.host(0).client.get("/v1/environments").await?;
+    assert!(
+        list.iter()
+            .any(|r| r.id == id && r.status.as_str() == "lost"),
+        "{id} not listed lost"
+    );
+    let report = checker::check(&hosts, &history, &limits, &[&before, &mid], &[1]).await?;
+    eprintln!("host 1 killed after a forwarded 202: {report:?}");
+    assert!(report.unannounced.is_empty(), "{report:?}");
+    assert_eq!(report.statuses.get(&id).map(String::as_str), Some("lost"));
     Ok(())
 }

@@ -467,19 +467,34 @@ impl Builds {
             return 0;
         };
         let marker = self.settings.builds.marker.clone();
-        let store = self.store().clone();
-        let scanned = tokio::task::spawn_blocking(move || {
-            watch::scan(&drop, &marker).map(|s| {
-                let published: Vec<bool> = s
-                    .found
-                    .iter()
-                    .map(|f| store.manifest_path(&f.image).exists())
-                    .collect();
-                (s, published)
-            })
-        })
-        .await;
-        let (scan, published) = match scanned {
+        let scanned = tokio::task::spawn_blocking(move || watch::scan(&drop, &marker)).await;
+        let scanned = match scanned {
+            Ok(Ok(scan)) => {
+                // Which builds are published already: a store read, bounded
+                // (`Store::call`); with the store unavailable the scan waits
+                // for the next round rather than queue builds it cannot check.
+                let images: Vec<ImageRef> = scan.found.iter().map(|f| f.image.clone()).collect();
+                match self
+                    .store()
+                    .call(move |st| {
+                        Ok(images
+                            .iter()
+                            .map(|i| st.manifest_path(i).exists())
+                            .collect())
+                    })
+                    .await
+                {
+                    Ok(published) => Ok(Ok((scan, published))),
+                    Err(e) => {
+                        warn!(error = %e, "drop directory scan skipped: cannot read the store");
+                        return 0;
+                    }
+                }
+            }
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(e) => Err(e),
+        };
+        let (scan, published): (_, Vec<bool>) = match scanned {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 warn!(error = %e, "scanning the drop directory");
@@ -765,14 +780,14 @@ impl Builds {
         let mut base_tag = String::new();
         if let Some(bp) = &recipe.base {
             let started = Instant::now();
-            let store = self.store().clone();
             let name = bp.clone();
-            let newest = tokio::task::spawn_blocking(move || {
-                store.list().map(|l| l.into_iter().find(|m| m.name == name))
-            })
-            .await
-            .map_err(|e| BuildError::Task(e.to_string()))??
-            .ok_or_else(|| BuildError::NoBase(bp.clone()))?;
+            // Bounded like every store read (`Store::call`): a hung store
+            // fails the build instead of holding the watcher.
+            let newest = self
+                .store()
+                .call(move |st| st.list().map(|l| l.into_iter().find(|m| m.name == name)))
+                .await?
+                .ok_or_else(|| BuildError::NoBase(bp.clone()))?;
             self.ensure_loaded(&newest, log).await?;
             base_tag = newest.image_ref().docker_tag();
             base = Some(newest.image_ref());
@@ -942,6 +957,9 @@ impl Builds {
             return Ok(0);
         };
         let _exclusive = self.maintenance.write().await;
+        // Pruning writes: refused at once while the store is unavailable or
+        // read-only (a long prune is not cut by a call limit).
+        self.store().writable()?;
         let store = self.store().clone();
         let keep = self.settings.builds.keep;
         let grace = self.settings.builds.prune_grace;
@@ -984,25 +1002,7 @@ impl Builds {
             .filter(|e| !matches!(e.status, EnvStatus::Failed | EnvStatus::Deleted))
             .map(|e| e.image.docker_tag())
             .collect();
-        let store = self.store().clone();
-        let doomed = tokio::task::spawn_blocking(move || -> Result<Vec<String>, StoreError> {
-            let products: HashSet<String> = store.products()?.into_iter().collect();
-            Ok(tags
-                .into_iter()
-                .filter(|t| {
-                    let Some(r) = t
-                        .strip_prefix("shoal/")
-                        .and_then(|r| r.parse::<ImageRef>().ok())
-                    else {
-                        return false;
-                    };
-                    products.contains(&r.name)
-                        && matches!(store.get(&r), Err(StoreError::NotFound(_)))
-                })
-                .collect())
-        })
-        .await
-        .map_err(|e| BuildError::Task(e.to_string()))??;
+        let doomed = unpublished_tags(self.store(), tags).await?;
         let mut removed = 0;
         for t in doomed.iter().filter(|t| !used.contains(*t)) {
             if self.engine().untag(t).await? {
@@ -1136,9 +1136,57 @@ pub fn execute(store: &Store, step: &Step) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Of `tags` (`shoal/<product>:<build>` images of the engine), those whose
+/// product the store knows but whose build it no longer has. One bounded
+/// store call (`Store::call`): a hung or unavailable store is an error,
+/// never a wait.
+pub async fn unpublished_tags(store: &Store, tags: Vec<String>) -> Result<Vec<String>, StoreError> {
+    store
+        .call(move |store| {
+            let products: HashSet<String> = store.products()?.into_iter().collect();
+            Ok(tags
+                .into_iter()
+                .filter(|t| {
+                    let Some(r) = t
+                        .strip_prefix("shoal/")
+                        .and_then(|r| r.parse::<ImageRef>().ok())
+                    else {
+                        return false;
+                    };
+                    products.contains(&r.name)
+                        && matches!(store.get(&r), Err(StoreError::NotFound(_)))
+                })
+                .collect())
+        })
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn unpublished_tags_reads_the_store_once_and_never_waits_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        publish(&store, "erp:2", &[b"a"], None);
+        let tags = vec![
+            "shoal/erp:1".to_string(),   // unpublished build of a known product
+            "shoal/erp:2".to_string(),   // published
+            "shoal/other:1".to_string(), // a product the store never had
+            "erp:1".to_string(),         // not a shoal tag
+        ];
+        assert_eq!(
+            unpublished_tags(&store, tags.clone()).await.unwrap(),
+            vec!["shoal/erp:1".to_string()]
+        );
+        // A store that stopped answering: refused at once, nothing untagged.
+        store.not_answering(std::time::Duration::from_secs(10));
+        assert!(matches!(
+            unpublished_tags(&store, tags).await,
+            Err(StoreError::Unavailable { .. })
+        ));
+    }
 
     /// A tiny image published straight into a store (no engine): one
     /// layer tar per entry of `layers`.

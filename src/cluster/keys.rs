@@ -21,6 +21,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use crate::health::EngineState;
+pub use crate::store::StoreState;
 
 /// Longest value shoal puts in gossip, in bytes.
 pub const MAX_VALUE_LEN: usize = 400;
@@ -64,6 +65,9 @@ pub const KEY_LOAD_BPS: &str = "load_bps";
 /// `state,since`: the engine's state (`ok`, `unreachable`, `hung`) and
 /// the unix second it entered it; absent from shoal before 0.2 (read `ok`).
 pub const KEY_ENGINE: &str = "engine";
+/// The image store as the node sees it: `ok`, `read_only` or
+/// `unavailable`; absent from shoal before 0.2 (read `ok`).
+pub const KEY_STORE: &str = "store";
 /// Written once, by a node leaving the cluster cleanly.
 pub const KEY_LEFT: &str = "left";
 /// Prefix of the one-key-per-layer entries.
@@ -187,6 +191,9 @@ pub struct NodeFacts {
     pub engine: EngineState,
     /// Unix seconds since the engine has been in `engine`'s state.
     pub engine_since: Option<u64>,
+    /// Whether the node can read the image store (placement leaves a node
+    /// whose store is unavailable out; a read-only store still loads).
+    pub store: StoreState,
     pub version: String,
     pub storage_driver: String,
     /// Measured load throughput, bytes/s of uncompressed layer tar.
@@ -441,6 +448,7 @@ pub fn to_kv(f: &NodeFacts) -> Vec<(String, String)> {
             None => f.engine.as_str().to_string(),
         },
     );
+    put(KEY_STORE, f.store.as_str().to_string());
     put(KEY_VERSION, short_text(&f.version));
     put(KEY_DRIVER, short_text(&f.storage_driver));
     if let Some(bps) = f.load_bps {
@@ -575,6 +583,12 @@ pub fn from_kv<'a>(
                     .transpose()?;
                 KEY_ENGINE
             }
+            KEY_STORE => {
+                f.store = v
+                    .parse()
+                    .map_err(|_| bad(k, v, "expected ok, read_only or unavailable"))?;
+                KEY_STORE
+            }
             KEY_VERSION => {
                 f.version = v.to_string();
                 KEY_VERSION
@@ -682,6 +696,7 @@ mod tests {
             draining: false,
             engine: EngineState::Ok,
             engine_since: Some(1_764_626_400),
+            store: StoreState::Ok,
             version: "0.1.0".into(),
             storage_driver: "overlay2".into(),
             load_bps: Some(123_456_789),
@@ -833,6 +848,43 @@ mod tests {
     }
 
     #[test]
+    fn store_key_table() {
+        let base = to_kv(&sample());
+        let with = |v: Option<&str>| -> Option<StoreState> {
+            let mut kv: Vec<(String, String)> = base
+                .iter()
+                .filter(|(k, _)| k != KEY_STORE)
+                .cloned()
+                .collect();
+            if let Some(v) = v {
+                kv.push((KEY_STORE.into(), v.into()));
+            }
+            from_kv(kv_refs(&kv)).map(|f| f.store).ok()
+        };
+        let cases = [
+            // A node from before the key: its store counts as ok.
+            (None, Some(StoreState::Ok)),
+            (Some("ok"), Some(StoreState::Ok)),
+            (Some("read_only"), Some(StoreState::ReadOnly)),
+            (Some("unavailable"), Some(StoreState::Unavailable)),
+            (Some("gone"), None),
+            (Some(""), None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(with(value), want, "{value:?}");
+        }
+        let mut f = sample();
+        f.store = StoreState::Unavailable;
+        let kv = to_kv(&f);
+        let (_, v) = kv.iter().find(|(k, _)| k == KEY_STORE).unwrap();
+        assert_eq!(v, "unavailable");
+        assert_eq!(
+            from_kv(kv_refs(&kv)).unwrap().store,
+            StoreState::Unavailable
+        );
+    }
+
+    #[test]
     fn unsafe_keys_are_never_published() {
         let mut f = sample();
         f.envs.insert(
@@ -981,6 +1033,11 @@ mod tests {
                     engine: [EngineState::Ok, EngineState::Unreachable, EngineState::Hung]
                         [envs_n.3],
                     engine_since: envs_n.4,
+                    store: [
+                        StoreState::Ok,
+                        StoreState::ReadOnly,
+                        StoreState::Unavailable,
+                    ][envs_n.3],
                     version: text.0,
                     storage_driver: text.1,
                     load_bps: text.2,

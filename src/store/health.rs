@@ -31,15 +31,39 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest an API call waits for a store read (a listing, a manifest).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreState {
     /// Loads and publishes work.
+    #[default]
     Ok,
     /// Loads work; publishes are refused.
     ReadOnly,
     /// Neither: missing, unmounted, replaced, or not answering.
     Unavailable,
+}
+
+impl StoreState {
+    /// As `GET /v1/node` and the gossip key `store` spell it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StoreState::Ok => "ok",
+            StoreState::ReadOnly => "read_only",
+            StoreState::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl std::str::FromStr for StoreState {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "ok" => Ok(StoreState::Ok),
+            "read_only" => Ok(StoreState::ReadOnly),
+            "unavailable" => Ok(StoreState::Unavailable),
+            _ => Err(()),
+        }
+    }
 }
 
 /// The store as this node sees it (`GET /v1/node`, field `store`).

@@ -159,9 +159,11 @@ pub struct Report {
     /// when some client got no answer).
     pub unexplained: Vec<String>,
     /// Accepted environments whose node went down before its gossip told
-    /// anyone: the other nodes answer 404, not `lost`, until it is back.
-    /// Reported, not failed: the client's 202 was the only trace; a check
-    /// after the restart must find them ready.
+    /// anyone, and whose entry node (the one that forwarded the create and
+    /// remembers where it went) is down too, or was the owner itself: the
+    /// others answer 404, not `lost`, until it is back. Reported, not
+    /// failed: the client's 202 was the only trace. With the entry node up
+    /// the answer must be `lost` (`routing::Placements`).
     pub unannounced: Vec<String>,
 }
 
@@ -223,6 +225,12 @@ pub async fn check(
             Op::Delete(id) if a.code == 200 => Some(id.clone()),
             _ => None,
         })
+        .collect();
+    // The host each accepted create entered at.
+    let entry: HashMap<String, usize> = answers
+        .iter()
+        .filter(|a| a.op == Op::Create && a.code == 202)
+        .filter_map(|a| Some((a.body["id"].as_str()?.to_string(), a.host)))
         .collect();
     let mut ids = HashSet::new();
     for rec in &accepted {
@@ -332,11 +340,14 @@ pub async fn check(
             })
             .unwrap_or_default();
         let owner_down = owner.is_some_and(|o| down.contains(&o));
+        let entry_down = entry.get(&rec.id).is_none_or(|e| down.contains(e));
         let ok = match status.as_str() {
             "ready" => running_on.len() == 1 && Some(running_on[0]) == owner,
             "failed" => running_on.is_empty() && !error.is_empty(),
             "lost" => owner_down,
-            "absent" if owner_down && running_on.iter().all(|i| Some(*i) == owner) => {
+            "absent"
+                if owner_down && entry_down && running_on.iter().all(|i| Some(*i) == owner) =>
+            {
                 report.unannounced.push(rec.id.clone());
                 true
             }

@@ -139,11 +139,26 @@ impl Hosts {
     /// Starts `n` hosts: `extra` flags on every daemon, then `each[i]` on
     /// host `i` alone (missing entries: none).
     pub async fn up_each(n: usize, extra: &[&str], each: &[&[&str]]) -> Result<Hosts> {
+        Hosts::up_env(n, extra, each, &[]).await
+    }
+
+    /// As [`Hosts::up_each`], with settings of `scripts/cluster` in `env`
+    /// (`SHOAL_HOST1_STORE_VIEW`, `SHOAL_HOST2_DATA_SIZE`, …).
+    pub async fn up_env(
+        n: usize,
+        extra: &[&str],
+        each: &[&[&str]],
+        env: &[(&str, &str)],
+    ) -> Result<Hosts> {
         let mut plan = Plan::new(n)?;
         plan.extra = extra.iter().map(|s| s.to_string()).collect();
         plan.each = each
             .iter()
             .map(|f| f.iter().map(|s| s.to_string()).collect())
+            .collect();
+        plan.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         plan.up().await
     }
@@ -187,6 +202,16 @@ impl Hosts {
 
     pub async fn heal(&self, i: usize) -> Result<()> {
         self.op("heal", i).await
+    }
+
+    /// Drops host `i`'s outgoing gossip (its HTTP API still works): the
+    /// others stop hearing of its changes, and in time declare it dead.
+    pub async fn mute(&self, i: usize) -> Result<()> {
+        self.op("mute", i).await
+    }
+
+    pub async fn unmute(&self, i: usize) -> Result<()> {
+        self.op("unmute", i).await
     }
 
     /// kill -9 of host `i`'s shoal daemon.
@@ -278,6 +303,11 @@ impl Hosts {
     /// Host `i`'s state directory (`shoal/` is the daemon's data dir).
     pub fn host_dir(&self, i: usize) -> PathBuf {
         self.dir.join("hosts").join(&self.hosts[i].name)
+    }
+
+    /// Host `i`'s own view of the store (`SHOAL_HOST<i>_STORE_VIEW`).
+    pub fn store_view(&self, i: usize) -> PathBuf {
+        self.host_dir(i).join("store")
     }
 
     /// Host `i`'s data directory.
@@ -379,6 +409,8 @@ pub struct Plan {
     /// Hosts whose shoal `up` does not start (`SHOAL_HOST<i>_DEFER`): the
     /// others converge without them; [`Hosts::start_shoal`] starts one later.
     pub defer: Vec<usize>,
+    /// More settings of `scripts/cluster` (`SHOAL_HOST<i>_STORE_VIEW`, …).
+    pub env: Vec<(String, String)>,
     pub dir: PathBuf,
     pub prefix: String,
     tmp: tempfile::TempDir,
@@ -392,6 +424,7 @@ impl Plan {
             extra: Vec::new(),
             each: Vec::new(),
             defer: Vec::new(),
+            env: Vec::new(),
             dir: tmp.path().join("cluster"),
             prefix: super::unique("h").chars().take(7).collect(),
             tmp,
@@ -417,6 +450,7 @@ impl Plan {
             extra,
             each,
             defer,
+            env,
             dir,
             prefix,
             tmp,
@@ -433,6 +467,7 @@ impl Plan {
         for i in &defer {
             cmd.env(format!("SHOAL_HOST{i}_DEFER"), "1");
         }
+        cmd.envs(env);
         let out = cmd.output().await.context("running scripts/cluster up")?;
         // From here the cluster exists (or was removed by a failing `up`):
         // the guard takes it down whatever happens next.
