@@ -1063,3 +1063,59 @@ async fn cluster_page(
         &body,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+
+    #[test]
+    fn mail_link_targets() {
+        for (path, want) in [
+            ("/envs/e1/extend", Some(MailAction::Extend)),
+            ("/envs/e1/return", Some(MailAction::Return)),
+            ("/envs/e1", None),
+            ("/envs//return", None),
+            ("/envs/e1/live", None),
+            ("/envs/e1/return/x", None),
+            ("/my", None),
+        ] {
+            assert_eq!(mail_link(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn what_csrf_tokens_are_bound_to() {
+        let who = |via| Identity {
+            user: "Li@Lab".into(),
+            role: Role::Tester,
+            via,
+        };
+        let cookie = who(Via::Cookie("t1".into()));
+        let proxy = who(Via::ProxyHeader);
+        assert_eq!(csrf_key(Some(&cookie), None).unwrap(), "token:t1");
+        // A signed-in user's session wins over a capability.
+        assert_eq!(csrf_key(Some(&cookie), Some("c")).unwrap(), "token:t1");
+        assert_eq!(csrf_key(Some(&proxy), None).unwrap(), "proxy:li@lab");
+        assert_eq!(csrf_key(None, Some("c")).unwrap(), "cap:c");
+        assert_eq!(csrf_key(None, Some("")), None);
+        assert_eq!(csrf_key(None, None), None);
+    }
+
+    #[test]
+    fn the_pre_session_nonce_is_32_hex_digits() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::COOKIE, v.parse().unwrap());
+            m
+        };
+        let n = "0123456789abcdef0123456789abcdef";
+        assert_eq!(pre_nonce(&h(&format!("shoal_pre={n}"))).as_deref(), Some(n));
+        assert_eq!(pre_nonce(&h("shoal_pre=short")), None);
+        assert_eq!(
+            pre_nonce(&h(&format!("shoal_pre={}", "z".repeat(32)))),
+            None
+        );
+        assert_eq!(pre_nonce(&HeaderMap::new()), None);
+    }
+}
