@@ -368,7 +368,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/environments/{id}/extend",
             axum::routing::post(extend_env),
         )
-        .merge(crate::web::routes())
+        .merge(crate::web::routes(state.clone()))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -145,6 +145,13 @@ pub struct Config {
     /// `http://<listen address>` (the advertised host when listening on
     /// all addresses).
     pub public_url: Option<String>,
+    /// Web page only: the header a reverse proxy names the signed-in user
+    /// in (`X-Forwarded-User`), believed only on calls from
+    /// `trusted_proxies`. Such users are testers. Default: none.
+    pub trusted_user_header: Option<String>,
+    /// Addresses of the reverse proxies `trusted_user_header` is believed
+    /// from (IP addresses, no ports). Required with the header.
+    pub trusted_proxies: Option<Vec<IpAddr>>,
 }
 
 impl Config {
@@ -203,7 +210,9 @@ impl Config {
             expiry_warning,
             smtp,
             mail_from,
-            public_url
+            public_url,
+            trusted_user_header,
+            trusted_proxies
         );
         self
     }
@@ -327,6 +336,7 @@ impl Config {
                 Some(u.to_string())
             }
         };
+        let trusted_proxy = self.trusted_proxy()?;
         let gossip = self
             .gossip
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7946)));
@@ -377,7 +387,44 @@ impl Config {
             smtp,
             mail_from,
             public_url,
+            trusted_proxy,
         })
+    }
+
+    /// The web page's trusted sign-in header and the proxies it is
+    /// believed from: both or neither.
+    fn trusted_proxy(&self) -> Result<Option<crate::auth::TrustedProxy>, ConfigError> {
+        let proxies = self.trusted_proxies.clone().unwrap_or_default();
+        match self.trusted_user_header.as_deref().map(str::trim) {
+            None if proxies.is_empty() => Ok(None),
+            None => Err(field(
+                "trusted_proxies",
+                "needs trusted_user_header (--trusted-user-header)",
+            )),
+            Some(h) => {
+                let name = axum::http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                    field("trusted_user_header", format!("`{h}` is not a header name"))
+                })?;
+                if proxies.is_empty() {
+                    return Err(field(
+                        "trusted_proxies",
+                        "the trusted header needs the proxies it is believed from (--trusted-proxy ADDR)",
+                    ));
+                }
+                if ["authorization", "cookie", "host"].contains(&name.as_str())
+                    || name.as_str().starts_with("x-shoal-")
+                {
+                    return Err(field(
+                        "trusted_user_header",
+                        format!("`{h}` cannot name the user"),
+                    ));
+                }
+                Ok(Some(crate::auth::TrustedProxy {
+                    header: name.as_str().to_string(),
+                    from: proxies,
+                }))
+            }
+        }
     }
 
     /// The seal mode and where the cluster key comes from (see the fields'
@@ -573,6 +620,8 @@ pub struct Settings {
     pub mail_from: String,
     /// Without a trailing `/`; `None`: derived from the bound address.
     pub public_url: Option<String>,
+    /// The web page's trusted sign-in header (lowercase) and its proxies.
+    pub trusted_proxy: Option<crate::auth::TrustedProxy>,
 }
 
 #[cfg(test)]
@@ -642,6 +691,34 @@ mod tests {
         assert!(err("smtp = \"http://mail\"").contains("`smtp`"));
         assert!(err("mail_from = \"nobody\"").contains("`mail_from`"));
         assert!(err("public_url = \"ftp://x\"").contains("`public_url`"));
+        assert!(err("trusted_user_header = \"X-User\"").contains("`trusted_proxies`"));
+        assert!(err("trusted_proxies = [\"10.0.0.1\"]").contains("`trusted_proxies`"));
+        assert!(
+            err("trusted_user_header = \"a b\"\ntrusted_proxies = [\"10.0.0.1\"]")
+                .contains("`trusted_user_header`")
+        );
+        assert!(
+            err("trusted_user_header = \"Cookie\"\ntrusted_proxies = [\"10.0.0.1\"]")
+                .contains("`trusted_user_header`")
+        );
+    }
+
+    #[test]
+    fn trusted_proxy_header() {
+        let c: Config = toml::from_str(
+            "trusted_user_header = \"X-Forwarded-User\"\ntrusted_proxies = [\"10.0.0.1\", \"::1\"]",
+        )
+        .unwrap();
+        let t = c.resolve(24 * GIB, "box1").unwrap().trusted_proxy.unwrap();
+        assert_eq!(t.header, "x-forwarded-user");
+        assert_eq!(t.from.len(), 2);
+        assert_eq!(
+            Config::default()
+                .resolve(24 * GIB, "b")
+                .unwrap()
+                .trusted_proxy,
+            None
+        );
     }
 
     #[test]

@@ -129,7 +129,7 @@ pub async fn run(
     let authority = Arc::new(crate::auth::Authority::new(
         token_keyring(&settings, keyring.as_ref())?,
         false,
-        None,
+        settings.trusted_proxy.clone(),
     ));
     // A store that never existed is created; one this node knew and that
     // is gone is refused until it is back (`store-watch` below). Either
@@ -204,7 +204,11 @@ pub async fn run(
             format!("http://{addr}")
         }
     });
-    let mail = crate::mail::Mailer::new(&settings, public_url)?;
+    let mail = crate::mail::Mailer::new(
+        &settings,
+        public_url,
+        Some(crate::web::mail_caps(authority.clone())),
+    )?;
     workers.adopt("mail-outbox", mail.spawn_sender());
     workers.adopt(
         "mail-watcher",
@@ -293,9 +297,14 @@ pub async fn run(
             let _ = drained_tx.send(());
         }
     };
-    let serve = axum::serve(listener, router(state))
-        .with_graceful_shutdown(drain)
-        .into_future();
+    // With the peer address: the web page believes a trusted proxy's
+    // header only from the configured proxy addresses.
+    let serve = axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(drain)
+    .into_future();
     // Graceful, but bounded: answers still open [`CLOSE_GRACE`] after the
     // drain are cut off (the stop timeout of the unit must not be reached).
     let served = tokio::select! {

@@ -258,6 +258,14 @@ struct DaemonArgs {
     /// Base URL of this node's web page, for links in mails.
     #[arg(long)]
     public_url: Option<String>,
+    /// Web page: header the lab's reverse proxy names the user in
+    /// (`X-Forwarded-User`), believed from `--trusted-proxy` only.
+    #[arg(long)]
+    trusted_user_header: Option<String>,
+    /// Address of a reverse proxy the trusted header is believed from;
+    /// repeatable.
+    #[arg(long = "trusted-proxy")]
+    trusted_proxies: Vec<IpAddr>,
 }
 
 impl DaemonArgs {
@@ -306,6 +314,9 @@ impl DaemonArgs {
             smtp: self.smtp.clone(),
             mail_from: self.mail_from.clone(),
             public_url: self.public_url.clone(),
+            trusted_user_header: self.trusted_user_header.clone(),
+            trusted_proxies: (!self.trusted_proxies.is_empty())
+                .then(|| self.trusted_proxies.clone()),
         })
     }
 }

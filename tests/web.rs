@@ -23,6 +23,126 @@ use shoal::demo::DemoImage;
 use shoal::docker::Engine;
 use shoal::model::EnvRecord;
 
+/// A user token for `node`'s cluster, signed with its key file.
+fn token_for(node: &Node, user: &str, role: shoal::auth::Role) -> Result<String> {
+    let ring = shoal::keyring::Keyring::load(Path::new(&cluster_key_for(&node.store)?))?;
+    let now = shoal::auth::now_secs();
+    let (t, _) = shoal::auth::issue(&ring, user, role, Duration::from_secs(86400), now)?;
+    Ok(t)
+}
+
+fn web_keys(node: &Node) -> Result<Vec<shoal::keyring::Subkey>> {
+    Ok(shoal::keyring::Keyring::load(Path::new(&cluster_key_for(&node.store)?))?.web_keys())
+}
+
+/// One answer of the page, read with curl.
+#[derive(Debug)]
+struct Answer {
+    code: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    fn location(&self) -> &str {
+        self.header("location").first().copied().unwrap_or("")
+    }
+
+    /// The CSRF token of the first form on the page.
+    fn csrf(&self) -> String {
+        hidden(&self.body, "csrf").unwrap_or_else(|| panic!("no csrf field in {}", self.body))
+    }
+}
+
+/// The value of the first hidden field `name` of a page.
+fn hidden(html: &str, name: &str) -> Option<String> {
+    let needle = format!("name=\"{name}\" value=\"");
+    let rest = &html[html.find(&needle)? + needle.len()..];
+    Some(rest[..rest.find('"')?].replace("&amp;", "&"))
+}
+
+/// curl against a node's page: a cookie (the sign-in token) and headers.
+struct Web {
+    base: String,
+    cookie: Option<String>,
+    headers: Vec<String>,
+}
+
+impl Web {
+    fn new(node: &Node) -> Web {
+        Web {
+            base: node.url.clone(),
+            cookie: None,
+            headers: Vec::new(),
+        }
+    }
+
+    fn signed(node: &Node, token: &str) -> Web {
+        Web {
+            cookie: Some(format!("shoal_session={token}")),
+            ..Web::new(node)
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, form: Option<&[(&str, &str)]>) -> Result<Answer> {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-i", "--max-time", "30", "-X", method]);
+        if let Some(c) = &self.cookie {
+            cmd.args(["-H", &format!("Cookie: {c}")]);
+        }
+        for h in &self.headers {
+            cmd.args(["-H", h]);
+        }
+        if let Some(f) = form {
+            let body: String = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(f.iter())
+                .finish();
+            cmd.args([
+                "-H",
+                "Content-Type: application/x-www-form-urlencoded",
+                "--data-binary",
+                &body,
+            ]);
+        }
+        let out = cmd.arg(format!("{}{path}", self.base)).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("no answer from {path}: {text}"))?;
+        let mut lines = head.lines();
+        let code = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("status line of {head}"))?;
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        Ok(Answer {
+            code,
+            headers,
+            body: body.to_string(),
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<Answer> {
+        self.call("GET", path, None)
+    }
+
+    fn post(&self, path: &str, form: &[(&str, &str)]) -> Result<Answer> {
+        self.call("POST", path, Some(form))
+    }
+}
+
 fn need_aiosmtpd() -> bool {
     if have_aiosmtpd() {
         return true;
@@ -241,6 +361,21 @@ async fn mails_ready_failed_warning_expired_and_the_reaper_deletes() -> Result<(
     }
     // The link in the mail is the endpoint that answers.
     assert!(http_get(&ep.host, ep.host_port, "/").await?.contains(&id));
+    // The extend and return links carry their capability: they open the
+    // confirmation page without a sign-in (and change nothing).
+    for action in ["extend", "return"] {
+        let prefix = format!("{}/envs/{id}/{action}?cap=", node.url);
+        let link = ready
+            .body
+            .lines()
+            .find_map(|l| l.split_whitespace().find(|w| w.starts_with(&prefix)))
+            .with_context(|| format!("no {action} link with a capability in {}", ready.body))?;
+        let a = Web::new(node).get(&link[node.url.len()..])?;
+        assert_eq!(a.code, 200, "{action}: {a:?}");
+        assert!(a.body.contains("name=\"cap\""), "{}", a.body);
+    }
+    let plain = Web::new(node).get(&format!("/envs/{id}/return"))?;
+    assert_eq!(plain.code, 303, "without the capability: the sign-in");
 
     // A failing environment: its mail gives the reason.
     let (code, body) = node
@@ -572,17 +707,30 @@ async fn browser_requests_watches_extends_and_returns() -> Result<()> {
     let shots = shots_dir();
     let browser = Browser::start(&chromium, &driver).await?;
     let owner = format!("{}@example.com", unique("tester"));
+    let token = token_for(node, &owner, shoal::auth::Role::Tester)?;
 
-    // The catalog lists the build; request it with the form.
+    // Not signed in: the sign-in page, which comes back to the catalog.
     browser.goto(&format!("{}/", node.url)).await?;
+    browser
+        .wait_text("h1", "Sign in", Duration::from_secs(10))
+        .await?;
+    assert!(browser.url().await?.contains("/signin?next=%2F"));
+    browser.screenshot(&shots.join("0-signin.png")).await?;
+    browser
+        .type_into(&browser.find("#token").await?, &token)
+        .await?;
+    browser.click(&browser.find("#signin").await?).await?;
+
+    // The catalog lists the build; request it with the form (for the
+    // signed-in tester: there is no owner field).
     let (product, build) = s.image.split_once(':').unwrap();
     browser
         .wait_text("main", build, Duration::from_secs(10))
         .await?;
     let src = browser.source().await?;
     assert!(src.contains(&format!("id=\"p-{product}\"")), "{src}");
-    let email = browser.find(&format!("#p-{product}-owner")).await?;
-    browser.type_into(&email, &owner).await?;
+    assert!(!src.contains("name=\"owner\""), "a tester names no owner");
+    assert!(src.contains(&owner), "signed in as {owner}: {src}");
     let ttl = browser
         .find(&format!("#p-{product}-ttl option[value='8h']"))
         .await?;
@@ -661,6 +809,14 @@ async fn browser_requests_watches_extends_and_returns() -> Result<()> {
         rec.expires_at.map(|e| e + time::Duration::hours(4))
     );
 
+    // Under "my environments"; its link leads back to it.
+    browser.goto(&format!("{}/my", node.url)).await?;
+    let link = browser.find(&format!("a[href='/envs/{id}']")).await?;
+    browser.click(&link).await?;
+    browser
+        .wait_text("h1", &id, Duration::from_secs(10))
+        .await?;
+
     // Return it: a confirmation page, then "my environments".
     browser.click(&browser.find("#return").await?).await?;
     browser
@@ -672,7 +828,7 @@ async fn browser_requests_watches_extends_and_returns() -> Result<()> {
     browser
         .wait_text(".notice", "was returned", Duration::from_secs(30))
         .await?;
-    assert!(browser.url().await?.contains("/my?owner="));
+    assert!(browser.url().await?.contains("/my?notice="));
     let main = browser.text(&browser.find("main").await?).await?;
     assert!(main.contains("has no environment"), "{main}");
     browser.screenshot(&shots.join("6-returned.png")).await?;
@@ -680,8 +836,25 @@ async fn browser_requests_watches_extends_and_returns() -> Result<()> {
     assert_eq!(code, 404);
     assert!(s.engine.env_containers(&node.name).await?.is_empty());
 
-    // The cluster page and a phone-sized catalog.
+    // The cluster page is for operators: refused, then sign out and in
+    // again as one.
     browser.goto(&format!("{}/cluster", node.url)).await?;
+    browser
+        .wait_text("h1", "Operators only", Duration::from_secs(10))
+        .await?;
+    browser.click(&browser.find("#signout").await?).await?;
+    browser
+        .wait_text("h1", "Sign in", Duration::from_secs(10))
+        .await?;
+    browser.goto(&format!("{}/cluster", node.url)).await?;
+    browser
+        .wait_text("h1", "Sign in", Duration::from_secs(10))
+        .await?;
+    let op = token_for(node, "ops@example.com", shoal::auth::Role::Operator)?;
+    browser
+        .type_into(&browser.find("#token").await?, &op)
+        .await?;
+    browser.click(&browser.find("#signin").await?).await?;
     browser
         .wait_text("table.nodes", &node.name, Duration::from_secs(10))
         .await?;
@@ -699,31 +872,27 @@ async fn browser_requests_watches_extends_and_returns() -> Result<()> {
 async fn pages_work_without_javascript() -> Result<()> {
     let s = setup(&[]).await?;
     let node = &s.node;
+    let web = Web::signed(
+        node,
+        &token_for(node, "NoJS@example.com", shoal::auth::Role::Tester)?,
+    );
     // The form post of a browser without JavaScript: urlencoded, answered
     // with a redirect to the environment's page.
-    let (code, _) = raw(&node.client, "GET", "/", None).await?;
-    assert_eq!(code, 200);
-    let form = format!(
-        "image={}&owner={}&memory=&ttl=4h",
-        s.image.replace(':', "%3A"),
-        "nojs%40example.com"
-    );
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{redirect_url}",
-            "-d",
-            &form,
-        ])
-        .arg(format!("{}/envs", node.url))
-        .output()?;
-    let answer = String::from_utf8_lossy(&out.stdout).to_string();
-    let (code, location) = answer.split_once(' ').context("curl output")?;
-    assert_eq!(code, "303", "{answer}");
-    let id = location
+    let page = web.get("/")?;
+    assert_eq!(page.code, 200, "{page:?}");
+    let csrf = page.csrf();
+    let a = web.post(
+        "/envs",
+        &[
+            ("csrf", &csrf),
+            ("image", &s.image),
+            ("memory", ""),
+            ("ttl", "4h"),
+        ],
+    )?;
+    assert_eq!(a.code, 303, "{a:?}");
+    let id = a
+        .location()
         .split("/envs/")
         .nth(1)
         .and_then(|r| r.split('?').next())
@@ -731,19 +900,12 @@ async fn pages_work_without_javascript() -> Result<()> {
         .to_string();
     // While in progress the page refreshes itself (noscript) and shows
     // the state it is in.
-    let page = Command::new("curl")
-        .arg("-s")
-        .arg(format!("{}/envs/{id}", node.url))
-        .output()?;
-    let page = String::from_utf8_lossy(&page.stdout).to_string();
+    let page = web.get(&format!("/envs/{id}"))?.body;
     assert!(page.contains("data-status="), "{page}");
     let rec = node.wait_settled(&id).await?;
     assert_eq!(rec.status.as_str(), "ready");
-    let page = Command::new("curl")
-        .arg("-s")
-        .arg(format!("{}/envs/{id}", node.url))
-        .output()?;
-    let page = String::from_utf8_lossy(&page.stdout).to_string();
+    assert_eq!(rec.owner, "NoJS@example.com", "the signed-in user owns it");
+    let page = web.get(&format!("/envs/{id}"))?.body;
     assert!(
         !page.contains("http-equiv=\"refresh\""),
         "no refresh once ready"
@@ -753,42 +915,464 @@ async fn pages_work_without_javascript() -> Result<()> {
         page.contains(&format!("href=\"http://{}:{}/\"", ep.host, ep.host_port)),
         "{page}"
     );
-    // "My environments" lists it for its owner, and only for its owner.
-    let my = |owner: &str| {
-        let out = Command::new("curl")
-            .arg("-s")
-            .arg(format!("{}/my?owner={owner}", node.url))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    assert!(
-        my("NoJS%40example.com").contains(&format!("href=\"/envs/{id}\"")),
-        "listed, whatever the case of the address"
+    // "My environments" lists it for its owner, and only for its owner
+    // (a tester's `owner=` is ignored: it is always their own).
+    assert!(web
+        .get("/my")?
+        .body
+        .contains(&format!("href=\"/envs/{id}\"")));
+    let other = Web::signed(
+        node,
+        &token_for(node, "other@example.com", shoal::auth::Role::Tester)?,
     );
-    assert!(!my("other%40example.com").contains(&id));
+    assert!(!other.get("/my")?.body.contains(&id));
+    assert!(!other
+        .get("/my?owner=nojs%40example.com")?
+        .body
+        .contains(&id));
     // A bad request re-shows the form with the reason, nothing created.
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-w",
-            "\n%{http_code}",
-            "-d",
-            &format!("image={}&owner=nobody&ttl=4h", s.image),
-        ])
-        .arg(format!("{}/envs", node.url))
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(text.ends_with("\n400"), "{text}");
-    assert!(text.contains("not a mail address"), "{text}");
+    let a = web.post(
+        "/envs",
+        &[("csrf", &csrf), ("image", "no such image"), ("ttl", "4h")],
+    )?;
+    assert_eq!(a.code, 400, "{a:?}");
+    assert!(a.body.contains("class=\"error\""), "{}", a.body);
     let list: Vec<EnvRecord> = node.client.get("/v1/environments").await?;
     assert_eq!(list.len(), 1);
     // Return without JavaScript: the confirmation form posts.
-    let out = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
-        .arg(format!("{}/envs/{id}/return", node.url))
-        .output()?;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "303");
+    let confirm = web.get(&format!("/envs/{id}/return"))?;
+    assert_eq!(confirm.code, 200);
+    let a = web.post(&format!("/envs/{id}/return"), &[("csrf", &confirm.csrf())])?;
+    assert_eq!(a.code, 303, "{a:?}");
     wait_gone(node, &id, Duration::from_secs(10)).await?;
+    Ok(())
+}
+
+/// A form's fields, plus a `csrf` field when given one.
+fn with_csrf<'a>(
+    mut f: Vec<(&'a str, &'a str)>,
+    token: Option<&'a str>,
+) -> Vec<(&'a str, &'a str)> {
+    if let Some(t) = token {
+        f.push(("csrf", t));
+    }
+    f
+}
+
+/// Asserts that a POST was refused by the CSRF check: 403, the refusal
+/// page, no cookie set.
+fn refused(a: &Answer, what: &str) {
+    assert_eq!(a.code, 403, "{what}: {a:?}");
+    assert!(a.body.contains("CSRF token"), "{what}: {}", a.body);
+    assert!(a.header("set-cookie").is_empty(), "{what}: {a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sign_in_csrf_on_every_form_and_only_your_own() -> Result<()> {
+    use shoal::auth::Role;
+    let s = setup(&[]).await?;
+    let node = &s.node;
+
+    // Unsigned: every page sends to the sign-in page, with a local next.
+    let anon = Web::new(node);
+    for (path, next) in [
+        ("/", "%2F"),
+        ("/my", "%2Fmy"),
+        ("/envs/abc", "%2Fenvs%2Fabc"),
+        ("/envs/abc/extend", "%2Fenvs%2Fabc%2Fextend"),
+        ("/cluster", "%2Fcluster"),
+    ] {
+        let a = anon.get(path)?;
+        assert_eq!(
+            (a.code, a.location()),
+            (303, format!("/signin?next={next}").as_str()),
+            "{path}"
+        );
+    }
+    // Assets need no sign-in.
+    assert_eq!(anon.get("/assets/shoal.css")?.code, 200);
+
+    // The sign-in page: a pre-session cookie, and its form's token bound
+    // to it.
+    let page = anon.get("/signin?next=%2Fmy")?;
+    assert_eq!(page.code, 200);
+    let pre = page.header("set-cookie");
+    assert_eq!(pre.len(), 1, "{page:?}");
+    assert!(
+        pre[0].starts_with("shoal_pre=")
+            && pre[0].contains("HttpOnly")
+            && pre[0].contains("SameSite=Strict"),
+        "{pre:?}"
+    );
+    let pre_cookie = pre[0].split(';').next().unwrap().to_string();
+    let signin_csrf = page.csrf();
+    let li = format!("{}@example.com", unique("li"));
+    let token = token_for(node, &li, Role::Tester)?;
+    let with_pre = Web {
+        cookie: Some(pre_cookie.clone()),
+        ..Web::new(node)
+    };
+    // Without the token, with a wrong one, or without the pre-session
+    // cookie it was made for: refused, no cookie set.
+    refused(
+        &with_pre.post("/signin", &[("token", &token), ("next", "/my")])?,
+        "sign-in without a token",
+    );
+    refused(
+        &with_pre.post(
+            "/signin",
+            &[("csrf", "AAAA"), ("token", &token), ("next", "/my")],
+        )?,
+        "sign-in with a wrong token",
+    );
+    refused(
+        &anon.post(
+            "/signin",
+            &[("csrf", &signin_csrf), ("token", &token), ("next", "/my")],
+        )?,
+        "sign-in without its pre-session",
+    );
+    // A bad user token: 401 and the form again.
+    let a = with_pre.post(
+        "/signin",
+        &[
+            ("csrf", &signin_csrf),
+            ("token", "shoal1.x.y"),
+            ("next", "/"),
+        ],
+    )?;
+    assert_eq!(a.code, 401, "{a:?}");
+    assert!(a.body.contains("Not signed in"), "{}", a.body);
+    // The right one: the cookie, and back to next (only a local one).
+    let a = with_pre.post(
+        "/signin",
+        &[("csrf", &signin_csrf), ("token", &token), ("next", "/my")],
+    )?;
+    assert_eq!((a.code, a.location()), (303, "/my"), "{a:?}");
+    let set = a.header("set-cookie");
+    let session = set
+        .iter()
+        .find(|c| c.starts_with("shoal_session="))
+        .with_context(|| format!("{set:?}"))?;
+    let attrs: Vec<&str> = session.split("; ").collect();
+    assert_eq!(attrs[0], format!("shoal_session={token}"));
+    for want in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(attrs.contains(&want), "{want} missing: {session}");
+    }
+    assert!(
+        !attrs.contains(&"Secure"),
+        "no Secure on an http page: {session}"
+    );
+    let max_age: u64 = attrs
+        .iter()
+        .find_map(|a| a.strip_prefix("Max-Age="))
+        .context("Max-Age")?
+        .parse()?;
+    assert!(
+        max_age > 0 && max_age <= 86400,
+        "lives as long as the token: {max_age}"
+    );
+    assert!(set.iter().any(|c| c.starts_with("shoal_pre=;")), "{set:?}");
+    let a = with_pre.post(
+        "/signin",
+        &[
+            ("csrf", &signin_csrf),
+            ("token", &token),
+            ("next", "https://evil.example/"),
+        ],
+    )?;
+    assert_eq!((a.code, a.location()), (303, "/"), "{a:?}");
+
+    // Signed in: the request form. Without its token, with a wrong one,
+    // or with another session's: 403 and nothing created.
+    let web = Web::signed(node, &token);
+    let bo = format!("{}@example.com", unique("bo"));
+    let bo_web = Web::signed(node, &token_for(node, &bo, Role::Tester)?);
+    let page = web.get("/")?;
+    assert_eq!(page.code, 200, "{page:?}");
+    let csrf = page.csrf();
+    let bo_csrf = bo_web.get("/")?.csrf();
+    assert_ne!(csrf, bo_csrf);
+    let count = || async {
+        let l: Vec<EnvRecord> = node.client.get("/v1/environments").await?;
+        anyhow::Ok(l.len())
+    };
+    for (what, token) in [
+        ("none", None),
+        ("wrong", Some("AAAA")),
+        ("another session's", Some(bo_csrf.as_str())),
+    ] {
+        let mut f = vec![("image", s.image.as_str()), ("ttl", "4h")];
+        if let Some(t) = token {
+            f.push(("csrf", t));
+        }
+        refused(&web.post("/envs", &f)?, &format!("request form, {what}"));
+    }
+    assert_eq!(count().await?, 0, "nothing created");
+    // A tester naming another owner: refused.
+    let a = web.post(
+        "/envs",
+        &[
+            ("csrf", &csrf),
+            ("image", &s.image),
+            ("owner", &bo),
+            ("ttl", "4h"),
+        ],
+    )?;
+    assert_eq!(a.code, 403, "{a:?}");
+    assert_eq!(count().await?, 0, "nothing created");
+    let a = web.post(
+        "/envs",
+        &[("csrf", &csrf), ("image", &s.image), ("ttl", "4h")],
+    )?;
+    assert_eq!(a.code, 303, "{a:?}");
+    let id = a
+        .location()
+        .split("/envs/")
+        .nth(1)
+        .and_then(|r| r.split('?').next())
+        .context("env page")?
+        .to_string();
+    let rec = node.wait_settled(&id).await?;
+    assert_eq!(rec.owner, li);
+    let expires = rec.expires_at;
+    let now_expiry = || async {
+        let r: EnvRecord = node.client.get(&format!("/v1/environments/{id}")).await?;
+        anyhow::Ok(r.expires_at)
+    };
+
+    // Another tester: the page, the live part, the confirmation pages and
+    // the forms are refused (403), nothing changes.
+    for path in [
+        format!("/envs/{id}"),
+        format!("/envs/{id}/live"),
+        format!("/envs/{id}/extend"),
+        format!("/envs/{id}/return"),
+    ] {
+        assert_eq!(bo_web.get(&path)?.code, 403, "{path}");
+    }
+    assert!(!bo_web.get("/my")?.body.contains(&id));
+    let a = bo_web.post(
+        &format!("/envs/{id}/extend"),
+        &[("csrf", &bo_csrf), ("by", "1h")],
+    )?;
+    assert_eq!(a.code, 403, "{a:?}");
+    let a = bo_web.post(&format!("/envs/{id}/return"), &[("csrf", &bo_csrf)])?;
+    assert_eq!(a.code, 403, "{a:?}");
+    assert_eq!(now_expiry().await?, expires);
+    // The cluster page is for operators.
+    assert_eq!(web.get("/cluster")?.code, 403);
+    let ops = Web::signed(node, &token_for(node, "ops@example.com", Role::Operator)?);
+    assert_eq!(ops.get("/cluster")?.code, 200);
+    assert_eq!(
+        ops.get(&format!("/envs/{id}"))?.code,
+        200,
+        "operators see all"
+    );
+    assert!(ops
+        .get(&format!("/my?owner={}", li.replace('@', "%40")))?
+        .body
+        .contains(&id));
+
+    // The owner's extend and return forms, and the sign-out: refused
+    // without the token, with a wrong one, with another session's.
+    let page = web.get(&format!("/envs/{id}"))?;
+    assert!(page.body.contains("id=\"extend\"") && page.body.contains("id=\"return\""));
+    for (what, token) in [
+        ("none", None),
+        ("wrong", Some("AAAA")),
+        ("another session's", Some(bo_csrf.as_str())),
+    ] {
+        refused(
+            &web.post(
+                &format!("/envs/{id}/extend"),
+                &with_csrf(vec![("by", "1h")], token),
+            )?,
+            &format!("extend, {what}"),
+        );
+        refused(
+            &web.post(&format!("/envs/{id}/return"), &with_csrf(vec![], token))?,
+            &format!("return, {what}"),
+        );
+        refused(
+            &web.post("/signout", &with_csrf(vec![], token))?,
+            &format!("sign-out, {what}"),
+        );
+    }
+    assert_eq!(now_expiry().await?, expires, "not extended");
+    assert_eq!(web.get("/my")?.code, 200, "still signed in");
+
+    // The mail links: with their capability they work without a sign-in
+    // (a confirmation page first: the GET changes nothing), and their form
+    // needs its CSRF token too.
+    let keys = web_keys(node)?;
+    use shoal::web::session::{mail_cap, MailAction};
+    let ext_cap = mail_cap(&keys, MailAction::Extend, &id, &li);
+    let ret_cap = mail_cap(&keys, MailAction::Return, &id, &li);
+    let confirm = anon.get(&format!("/envs/{id}/extend?cap={ext_cap}"))?;
+    assert_eq!(confirm.code, 200, "{confirm:?}");
+    assert!(confirm.body.contains("Extend environment"));
+    assert_eq!(
+        hidden(&confirm.body, "cap").as_deref(),
+        Some(ext_cap.as_str())
+    );
+    let link_csrf = confirm.csrf();
+    assert_eq!(now_expiry().await?, expires, "a GET changes nothing");
+    // A capability for another action or a made-up one: refused.
+    assert_eq!(
+        anon.get(&format!("/envs/{id}/extend?cap={ret_cap}"))?.code,
+        403
+    );
+    assert_eq!(anon.get(&format!("/envs/{id}/return?cap=AAAA"))?.code, 403);
+    for (what, token) in [
+        ("none", None),
+        ("wrong", Some("AAAA")),
+        ("a session's", Some(csrf.as_str())),
+    ] {
+        let mut f = vec![("cap", ext_cap.as_str()), ("by", "1h")];
+        if let Some(t) = token {
+            f.push(("csrf", t));
+        }
+        refused(
+            &anon.post(&format!("/envs/{id}/extend"), &f)?,
+            &format!("mail extend, {what}"),
+        );
+        let mut f = vec![("cap", ret_cap.as_str())];
+        if let Some(t) = token {
+            f.push(("csrf", t));
+        }
+        refused(
+            &anon.post(&format!("/envs/{id}/return"), &f)?,
+            &format!("mail return, {what}"),
+        );
+    }
+    assert_eq!(now_expiry().await?, expires, "not extended");
+    // The extend capability's form does not return.
+    let a = anon.post(
+        &format!("/envs/{id}/return"),
+        &[("cap", &ext_cap), ("csrf", &link_csrf)],
+    )?;
+    assert!(a.code == 403, "{a:?}");
+    let a = anon.post(
+        &format!("/envs/{id}/extend"),
+        &[("cap", &ext_cap), ("csrf", &link_csrf), ("by", "1h")],
+    )?;
+    assert_eq!(a.code, 200, "{a:?}");
+    assert!(a.body.contains("Extended by 1h"), "{}", a.body);
+    assert_eq!(
+        now_expiry().await?,
+        expires.map(|e| e + time::Duration::hours(1))
+    );
+
+    // Return it from the page: gone, back to "my environments".
+    let confirm = web.get(&format!("/envs/{id}/return"))?;
+    let a = web.post(&format!("/envs/{id}/return"), &[("csrf", &confirm.csrf())])?;
+    assert_eq!(a.code, 303, "{a:?}");
+    assert!(a.location().starts_with("/my?notice="), "{a:?}");
+    wait_gone(node, &id, Duration::from_secs(10)).await?;
+
+    // Sign out with the token: the cookie is cleared.
+    let a = web.post("/signout", &[("csrf", &csrf)])?;
+    assert_eq!((a.code, a.location()), (303, "/signin"), "{a:?}");
+    let cleared = a.header("set-cookie");
+    assert!(
+        cleared.len() == 1
+            && cleared[0].starts_with("shoal_session=;")
+            && cleared[0].contains("Max-Age=0"),
+        "{cleared:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_trusted_header_counts_from_the_proxy_only() -> Result<()> {
+    let trusted = solo(
+        "px",
+        &[
+            "--trusted-user-header",
+            "X-Forwarded-User",
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--public-url",
+            "https://shoal.lab.example",
+        ],
+    )
+    .await?;
+    let other = solo(
+        "py",
+        &[
+            "--trusted-user-header",
+            "X-Forwarded-User",
+            "--trusted-proxy",
+            "192.0.2.7",
+        ],
+    )
+    .await?;
+    let as_li = |node: &Node| Web {
+        headers: vec!["X-Forwarded-User: li@example.com".into()],
+        ..Web::new(node)
+    };
+    // From the configured proxy address: signed in as a tester.
+    let web = as_li(&trusted.node);
+    let a = web.get("/my")?;
+    assert_eq!(a.code, 200, "{a:?}");
+    assert!(a.body.contains("li@example.com"), "{}", a.body);
+    assert!(!a.body.contains("id=\"signout\""), "nothing to sign out of");
+    assert_eq!(web.get("/cluster")?.code, 403, "header users are testers");
+    // Its forms need the CSRF token as well (bound to the proxy's user;
+    // the catalog is empty here, so the token is made as the page makes
+    // it); with it the request passes the gate and fails on the image,
+    // which does not exist.
+    let csrf = shoal::web::session::csrf(
+        &web_keys(&trusted.node)?,
+        "proxy:li@example.com",
+        shoal::auth::now_secs(),
+    )
+    .as_str()
+    .to_string();
+    refused(
+        &web.post("/envs", &[("image", "nosuch:1"), ("ttl", "1h")])?,
+        "header user, no token",
+    );
+    let a = web.post(
+        "/envs",
+        &[("csrf", &csrf), ("image", "nosuch:1"), ("ttl", "1h")],
+    )?;
+    assert_eq!(a.code, 404, "{a:?}");
+    // Without the header: the sign-in page.
+    assert_eq!(Web::new(&trusted.node).get("/my")?.code, 303);
+    // The header from an address that is not the proxy: ignored.
+    let a = as_li(&other.node).get("/my")?;
+    assert_eq!((a.code, a.location()), (303, "/signin?next=%2Fmy"), "{a:?}");
+
+    // An https public URL makes the cookie Secure.
+    let node = &trusted.node;
+    let page = Web::new(node).get("/signin")?;
+    let pre = page.header("set-cookie")[0]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(page.header("set-cookie")[0].contains("; Secure"));
+    let token = token_for(node, "ops@example.com", shoal::auth::Role::Operator)?;
+    let a = Web {
+        cookie: Some(pre),
+        ..Web::new(node)
+    }
+    .post("/signin", &[("csrf", &page.csrf()), ("token", &token)])?;
+    assert_eq!(a.code, 303, "{a:?}");
+    let session = a.header("set-cookie");
+    assert!(
+        session
+            .iter()
+            .any(|c| c.starts_with("shoal_session=") && c.ends_with("; Secure")),
+        "{session:?}"
+    );
+    // A token cookie wins over the header: the operator's role.
+    let both = Web {
+        cookie: Some(format!("shoal_session={token}")),
+        ..as_li(node)
+    };
+    assert_eq!(both.get("/cluster")?.code, 200);
     Ok(())
 }

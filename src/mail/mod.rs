@@ -20,7 +20,10 @@
 //!
 //! Links in mails point at the node's `public_url`; the extend and return
 //! links open a page with a button (a GET never changes anything, so a
-//! mail scanner that follows links cannot return an environment).
+//! mail scanner that follows links cannot return an environment). Those
+//! two links carry a capability ([`MailCaps`], made by the web page's
+//! `session::mail_cap`): the owner reading the mail acts on that one
+//! environment without signing in.
 
 pub mod outbox;
 pub mod smtp;
@@ -200,9 +203,26 @@ fn fmt_time(t: OffsetDateTime) -> String {
     t.format(&f).unwrap_or_default()
 }
 
+/// The query strings (`?cap=…`, or empty) of a mail's extend and return
+/// links.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailCaps {
+    pub extend: String,
+    pub ret: String,
+}
+
+/// Makes the [`MailCaps`] of an environment (the node's keys live there).
+pub type CapMaker = Arc<dyn Fn(&EnvRecord) -> MailCaps + Send + Sync>;
+
 /// Subject and body of the mail for `ev` about `rec`. `base` is the
 /// public URL of the sending node.
-pub fn compose(ev: Event, rec: &EnvRecord, base: &str, now: OffsetDateTime) -> (String, String) {
+pub fn compose(
+    ev: Event,
+    rec: &EnvRecord,
+    base: &str,
+    caps: &MailCaps,
+    now: OffsetDateTime,
+) -> (String, String) {
     let id = &rec.id;
     let page = format!("{base}/envs/{id}");
     let expiry = |e: Option<OffsetDateTime>| match e {
@@ -228,7 +248,10 @@ pub fn compose(ev: Event, rec: &EnvRecord, base: &str, now: OffsetDateTime) -> (
         rec.node,
         expiry(rec.expires_at)
     );
-    let links = format!("Its page:  {page}\nExtend:    {page}/extend\nReturn:    {page}/return\n");
+    let links = format!(
+        "Its page:  {page}\nExtend:    {page}/extend{}\nReturn:    {page}/return{}\n",
+        caps.extend, caps.ret
+    );
     match ev {
         Event::Ready => (
             format!("[shoal] {} is ready: {id}", rec.image),
@@ -297,6 +320,8 @@ pub struct Mailer {
     from: Mailbox,
     /// Base of the links in mails, no trailing `/`.
     public_url: String,
+    /// The capabilities of the extend and return links.
+    caps: Option<CapMaker>,
     warning: Duration,
     max_ttl: Duration,
     /// Wakes the outbox worker when a message is queued (one waiter).
@@ -305,7 +330,11 @@ pub struct Mailer {
 }
 
 impl Mailer {
-    pub fn new(settings: &Settings, public_url: String) -> Result<Arc<Mailer>, MailError> {
+    pub fn new(
+        settings: &Settings,
+        public_url: String,
+        caps: Option<CapMaker>,
+    ) -> Result<Arc<Mailer>, MailError> {
         let from: Mailbox = settings
             .mail_from
             .parse()
@@ -324,6 +353,7 @@ impl Mailer {
             transport,
             from,
             public_url: public_url.trim_end_matches('/').to_string(),
+            caps,
             warning: settings.expiry_warning,
             max_ttl: settings.max_ttl,
             wake: tokio::sync::Notify::new(),
@@ -353,7 +383,8 @@ impl Mailer {
             return;
         }
         let now = OffsetDateTime::now_utc();
-        let (subject, body) = compose(ev, rec, &self.public_url, now);
+        let caps = self.caps.as_ref().map(|c| c(rec)).unwrap_or_default();
+        let (subject, body) = compose(ev, rec, &self.public_url, &caps, now);
         let m = Message {
             version: outbox::FORMAT_VERSION,
             id: ev.message_id(&rec.id),
@@ -566,21 +597,36 @@ mod tests {
     #[test]
     fn ready_mail_says_everything() {
         let now = datetime!(2025-01-01 0:03 UTC);
-        let (subject, body) = compose(Event::Ready, &rec(EnvStatus::Ready), "http://n1:7070", now);
+        let (subject, body) = compose(
+            Event::Ready,
+            &rec(EnvStatus::Ready),
+            "http://n1:7070",
+            &MailCaps {
+                extend: "?cap=E".into(),
+                ret: "?cap=R".into(),
+            },
+            now,
+        );
         assert!(subject.contains("erp-server:20151103.1") && subject.contains("abc123"));
         for want in [
             "worker-2",
             "http://worker-2.lab:49153/",
             "2025-01-02 00:00 UTC (in 23h57m)",
             "http://n1:7070/envs/abc123\n",
-            "http://n1:7070/envs/abc123/extend",
-            "http://n1:7070/envs/abc123/return",
+            "http://n1:7070/envs/abc123/extend?cap=E\n",
+            "http://n1:7070/envs/abc123/return?cap=R\n",
         ] {
             assert!(body.contains(want), "{want} missing from:\n{body}");
         }
         let mut failed = rec(EnvStatus::Failed);
         failed.error = Some("the container exited with code 3".into());
-        let (_, body) = compose(Event::Failed, &failed, "http://n1:7070", now);
+        let (_, body) = compose(
+            Event::Failed,
+            &failed,
+            "http://n1:7070",
+            &MailCaps::default(),
+            now,
+        );
         assert!(
             body.contains("Reason: the container exited with code 3"),
             "{body}"
@@ -640,6 +686,7 @@ mod tests {
             Event::Lost,
             &lost[0],
             "http://b:7070",
+            &MailCaps::default(),
             datetime!(2025-01-01 0:00 UTC),
         );
         assert!(subject.contains("node a is unreachable"), "{subject}");

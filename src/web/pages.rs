@@ -1,6 +1,7 @@
 //! The HTML of every page, rendered on the server from plain data (pure:
 //! records in, strings out). Every value put in a page goes through
-//! [`esc`]. The JavaScript (`assets/shoal.js`) only improves a page that
+//! [`esc`]. Every form that posts is made by [`post_form`], which takes the
+//! session's [`Csrf`] token: a form without one cannot be written. The JavaScript (`assets/shoal.js`) only improves a page that
 //! already says everything: it swaps in a fresh copy of the live section
 //! when the environment's event stream reports a change.
 
@@ -9,6 +10,8 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+pub use super::session::Csrf;
+use super::session::{CAP_FIELD, CSRF_FIELD};
 use crate::cluster::ClusterView;
 use crate::model::{EnvRecord, EnvStatus, ImageInfo};
 use crate::units::{format_duration, format_size};
@@ -59,8 +62,46 @@ pub fn relative(t: OffsetDateTime, now: OffsetDateTime) -> String {
     }
 }
 
+/// A form that posts to `action` (escaped here), with the session's CSRF
+/// token and, for a mail link, its capability. `attrs` are fixed
+/// attributes (`class="inline"`), never data; `inner` is HTML.
+pub fn post_form(
+    action: &str,
+    csrf: &Csrf,
+    cap: Option<&str>,
+    attrs: &'static str,
+    inner: &str,
+) -> String {
+    let cap = cap
+        .map(|c| {
+            format!(
+                "<input type=\"hidden\" name=\"{CAP_FIELD}\" value=\"{}\">",
+                esc(c)
+            )
+        })
+        .unwrap_or_default();
+    let sep = if attrs.is_empty() { "" } else { " " };
+    format!(
+        "<form method=\"post\" action=\"{}\"{sep}{attrs}>\
+         <input type=\"hidden\" name=\"{CSRF_FIELD}\" value=\"{}\">{cap}{inner}</form>",
+        esc(action),
+        esc(csrf.as_str())
+    )
+}
+
+/// Who is signed in, as the page header shows it.
+pub struct Signed<'a> {
+    pub user: &'a str,
+    pub operator: bool,
+    /// A cookie session (a proxy's header cannot be signed out of here).
+    pub cookie: bool,
+    pub csrf: &'a Csrf,
+}
+
 /// Common data of every page.
 pub struct Frame<'a> {
+    /// Who is signed in (`None`: the sign-in page, a mail link's page).
+    pub signed: Option<Signed<'a>>,
     pub title: &'a str,
     pub node: &'a str,
     /// Which nav entry is current: "catalog", "my", "cluster".
@@ -78,20 +119,47 @@ pub fn page(f: &Frame, body: &str) -> String {
         };
         format!("<a href=\"{href}\"{cur}>{label}</a>")
     };
+    let (nav_html, who) = match &f.signed {
+        None => (String::new(), String::new()),
+        Some(sg) => {
+            let mut n = nav("catalog", "/", "Catalog") + &nav("my", "/my", "My environments");
+            if sg.operator {
+                n.push_str(&nav("cluster", "/cluster", "Cluster"));
+            }
+            let out = if sg.cookie {
+                post_form(
+                    "/signout",
+                    sg.csrf,
+                    None,
+                    "class=\"signout\"",
+                    "<button type=\"submit\" id=\"signout\">Sign out</button>",
+                )
+            } else {
+                String::new()
+            };
+            let who = format!(
+                "<span class=\"who\">{}{}</span>{out}",
+                esc(sg.user),
+                if sg.operator {
+                    " <small>(operator)</small>"
+                } else {
+                    ""
+                }
+            );
+            (n, who)
+        }
+    };
     format!(
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <title>{title} · shoal</title>\n<link rel=\"stylesheet\" href=\"/assets/shoal.css\">\n\
          <script src=\"/assets/shoal.js\" defer></script>\n{head}</head>\n<body>\n\
          <a class=\"skip\" href=\"#main\">Skip to content</a>\n\
-         <header><span class=\"brand\">shoal</span><nav>{a}{b}{c}</nav></header>\n\
+         <header><span class=\"brand\">shoal</span><nav>{nav_html}</nav>{who}</header>\n\
          <main id=\"main\">\n{body}\n</main>\n\
          <footer>served by node <b>{node}</b></footer>\n</body>\n</html>\n",
         title = esc(f.title),
         head = f.head,
-        a = nav("catalog", "/", "Catalog"),
-        b = nav("my", "/my", "My environments"),
-        c = nav("cluster", "/cluster", "Cluster"),
         node = esc(f.node),
     )
 }
@@ -123,11 +191,20 @@ pub struct FormValues {
 
 /// The catalog: published builds per product, newest first, each product
 /// with its request form.
+/// Who requests from the catalog: a tester for themselves, an operator
+/// for anyone (the owner field).
+pub struct Requester<'a> {
+    pub user: &'a str,
+    pub operator: bool,
+    pub csrf: &'a Csrf,
+}
+
 pub fn catalog(
     images: &[ImageInfo],
     ttls: &[(String, bool)],
     form: &FormValues,
     error: Option<&str>,
+    me: &Requester,
     now: OffsetDateTime,
 ) -> String {
     let mut products: Vec<(&str, Vec<&ImageInfo>)> = Vec::new();
@@ -146,7 +223,7 @@ pub fn catalog(
     }
     let mut out = String::from("<h1>Catalog</h1>\n");
     out.push_str(
-        "<p class=\"lead\">Every build whose image was published. Pick one, say who you are, \
+        "<p class=\"lead\">Every build whose image was published. Pick one \
          and you get a running environment of it; a mail tells you when it is ready.</p>\n",
     );
     if let Some(e) = error {
@@ -180,10 +257,10 @@ pub fn catalog(
         }
         out.push_str("</tbody></table></div>\n");
         let fid = |f: &str| format!("{pid}-{f}");
+        let mut inner = String::new();
         let _ = write!(
-            out,
-            "<form method=\"post\" action=\"/envs\" class=\"request\">\n\
-             <label for=\"{i}\">Build</label><select id=\"{i}\" name=\"image\">",
+            inner,
+            "\n<label for=\"{i}\">Build</label><select id=\"{i}\" name=\"image\">",
             i = fid("image")
         );
         for b in builds {
@@ -193,26 +270,38 @@ pub fn catalog(
                 ""
             };
             let _ = write!(
-                out,
+                inner,
                 "<option value=\"{v}\"{sel}>{v}</option>",
                 v = esc(&b.image_ref)
             );
         }
-        out.push_str("</select>\n");
+        inner.push_str("</select>\n");
         let floor = builds[0]
             .requirements
             .memory
             .map(format_size)
             .unwrap_or_else(|| "the node default".into());
+        if me.operator {
+            let _ = writeln!(
+                inner,
+                "<label for=\"{o}\">Owner <small>(optional, default you)</small></label>\
+                 <input id=\"{o}\" name=\"owner\" type=\"email\" value=\"{ov}\" placeholder=\"{me}\">",
+                o = fid("owner"),
+                ov = esc(&form.owner),
+                me = esc(me.user),
+            );
+        } else {
+            let _ = writeln!(
+                inner,
+                "<p class=\"owner\">For <b>{}</b> (you)</p>",
+                esc(me.user)
+            );
+        }
         let _ = write!(
-            out,
-            "<label for=\"{o}\">Your mail address</label>\
-             <input id=\"{o}\" name=\"owner\" type=\"email\" required autocomplete=\"email\" value=\"{ov}\" placeholder=\"you@example.com\">\n\
-             <label for=\"{m}\">Memory <small>(optional, at least {floor})</small></label>\
+            inner,
+            "<label for=\"{m}\">Memory <small>(optional, at least {floor})</small></label>\
              <input id=\"{m}\" name=\"memory\" value=\"{mv}\" placeholder=\"{floor}\" inputmode=\"text\">\n\
              <label for=\"{t}\">Reservation</label><select id=\"{t}\" name=\"ttl\">",
-            o = fid("owner"),
-            ov = esc(&form.owner),
             m = fid("memory"),
             mv = esc(&form.memory),
             t = fid("ttl"),
@@ -223,11 +312,17 @@ pub fn catalog(
             } else {
                 ""
             };
-            let _ = write!(out, "<option value=\"{t}\"{sel}>{t}</option>");
+            let _ = write!(inner, "<option value=\"{t}\"{sel}>{t}</option>");
         }
-        out.push_str(
-            "</select>\n<button type=\"submit\">Request environment</button>\n</form>\n</section>\n",
-        );
+        inner.push_str("</select>\n<button type=\"submit\">Request environment</button>\n");
+        out.push_str(&post_form(
+            "/envs",
+            me.csrf,
+            None,
+            "class=\"request\"",
+            &inner,
+        ));
+        out.push_str("\n</section>\n");
     }
     out
 }
@@ -392,6 +487,13 @@ pub fn env_live(rec: &EnvRecord, why: Option<&str>, load_bps: u64, now: OffsetDa
     out
 }
 
+/// What the viewer of an environment page may do with it.
+pub struct Actions<'a> {
+    pub extend: bool,
+    pub ret: bool,
+    pub csrf: &'a Csrf,
+}
+
 /// The environment page: the live section plus its actions.
 pub fn env_page(
     rec: &EnvRecord,
@@ -399,6 +501,7 @@ pub fn env_page(
     ttls: &[(String, bool)],
     load_bps: u64,
     notice: Option<&str>,
+    may: &Actions,
     now: OffsetDateTime,
 ) -> String {
     let id = esc(&rec.id);
@@ -417,48 +520,70 @@ pub fn env_page(
         esc(&why_attr),
         env_live(rec, why, load_bps, now)
     );
-    if matches!(rec.status, EnvStatus::Lost | EnvStatus::Deleted) {
+    if matches!(rec.status, EnvStatus::Lost | EnvStatus::Deleted) || !(may.extend || may.ret) {
         return out;
     }
     out.push_str("<section class=\"card actions\"><h2>Reservation</h2>\n");
-    out.push_str(&extend_form(&rec.id, ttls));
-    let _ = writeln!(
-        out,
-        "<p><a class=\"button danger\" id=\"return\" href=\"/envs/{id}/return\">Return it…</a> \
-         <small>stops and deletes it now, for the next tester</small></p>\n</section>"
-    );
+    if may.extend {
+        out.push_str(&extend_form(&rec.id, ttls, may.csrf, None));
+    }
+    if may.ret {
+        let _ = writeln!(
+            out,
+            "<p><a class=\"button danger\" id=\"return\" href=\"/envs/{id}/return\">Return it…</a> \
+             <small>stops and deletes it now, for the next tester</small></p>"
+        );
+    }
+    out.push_str("</section>\n");
     out
 }
 
-pub fn extend_form(id: &str, ttls: &[(String, bool)]) -> String {
-    let id = esc(id);
-    let mut out = format!(
-        "<form method=\"post\" action=\"/envs/{id}/extend\" class=\"inline\">\
-         <label for=\"by\">Extend by</label><select id=\"by\" name=\"by\">"
-    );
+pub fn extend_form(id: &str, ttls: &[(String, bool)], csrf: &Csrf, cap: Option<&str>) -> String {
+    let mut inner =
+        String::from("<label for=\"by\">Extend by</label><select id=\"by\" name=\"by\">");
     for (t, _) in ttls {
         let sel = if t == "4h" { " selected" } else { "" };
-        let _ = write!(out, "<option value=\"{t}\"{sel}>{t}</option>");
+        let _ = write!(inner, "<option value=\"{t}\"{sel}>{t}</option>");
     }
-    out.push_str("</select> <button type=\"submit\" id=\"extend\">Extend</button></form>\n");
-    out
+    inner.push_str("</select> <button type=\"submit\" id=\"extend\">Extend</button>");
+    post_form(
+        &format!("/envs/{id}/extend"),
+        csrf,
+        cap,
+        "class=\"inline\"",
+        &inner,
+    ) + "\n"
 }
 
 /// The page behind a mail's "return" link: one button, POST.
-pub fn return_confirm(rec: &EnvRecord) -> String {
+pub fn return_confirm(rec: &EnvRecord, csrf: &Csrf, cap: Option<&str>) -> String {
     let id = esc(&rec.id);
     format!(
         "<h1>Return environment <code>{id}</code>?</h1>\n\
-         <p>{} on node {}: it is stopped and deleted now. This cannot be undone.</p>\n\
-         <form method=\"post\" action=\"/envs/{id}/return\"><button type=\"submit\" class=\"danger\" id=\"confirm-return\">Yes, return it</button> \
-         <a href=\"/envs/{id}\">No, keep it</a></form>\n",
+         <p>{} on node {}: it is stopped and deleted now. This cannot be undone.</p>\n{}\n",
         esc(&rec.image.to_string()),
-        esc(&rec.node)
+        esc(&rec.node),
+        post_form(
+            &format!("/envs/{}/return", rec.id),
+            csrf,
+            cap,
+            "",
+            &format!(
+                "<button type=\"submit\" class=\"danger\" id=\"confirm-return\">Yes, return it</button> \
+                 <a href=\"/envs/{id}\">No, keep it</a>"
+            ),
+        )
     )
 }
 
 /// The page behind a mail's "extend" link.
-pub fn extend_confirm(rec: &EnvRecord, ttls: &[(String, bool)], now: OffsetDateTime) -> String {
+pub fn extend_confirm(
+    rec: &EnvRecord,
+    ttls: &[(String, bool)],
+    csrf: &Csrf,
+    cap: Option<&str>,
+    now: OffsetDateTime,
+) -> String {
     let exp = rec
         .expires_at
         .map(|e| format!("{} ({})", fmt_time(e), relative(e, now)))
@@ -468,7 +593,7 @@ pub fn extend_confirm(rec: &EnvRecord, ttls: &[(String, bool)], now: OffsetDateT
          <p><a href=\"/envs/{}\">Back to the environment</a></p>\n",
         esc(&rec.id),
         esc(&exp),
-        extend_form(&rec.id, ttls),
+        extend_form(&rec.id, ttls, csrf, cap),
         esc(&rec.id)
     )
 }
@@ -506,26 +631,28 @@ fn env_rows(envs: &[EnvRecord], now: OffsetDateTime, with_owner: bool) -> String
     out
 }
 
-/// "My environments": an owner's environments across the cluster.
+/// "My environments": an owner's environments across the cluster (an
+/// operator may look up anyone's).
 pub fn my_envs(
     owner: &str,
     envs: &[EnvRecord],
     notice: Option<&str>,
+    operator: bool,
     now: OffsetDateTime,
 ) -> String {
     let mut out = String::from("<h1>My environments</h1>\n");
     if let Some(n) = notice {
         let _ = writeln!(out, "<p class=\"notice\" role=\"status\">{}</p>", esc(n));
     }
-    let _ = writeln!(
-        out,
-        "<form method=\"get\" action=\"/my\" class=\"inline\"><label for=\"owner\">Mail address</label>\
-         <input id=\"owner\" name=\"owner\" type=\"email\" required value=\"{}\" autocomplete=\"email\"> \
-         <button type=\"submit\">Show</button></form>",
-        esc(owner)
-    );
-    if owner.is_empty() {
-        return out;
+    if operator {
+        // A look-up only (GET): it changes nothing, so it needs no token.
+        let _ = writeln!(
+            out,
+            "<form method=\"get\" action=\"/my\" class=\"inline\"><label for=\"owner\">Owner</label>\
+             <input id=\"owner\" name=\"owner\" type=\"email\" required value=\"{}\"> \
+             <button type=\"submit\">Show</button></form>",
+            esc(owner)
+        );
     }
     if envs.is_empty() {
         let _ = writeln!(
@@ -655,6 +782,43 @@ pub fn cluster(
     out
 }
 
+/// The sign-in page: paste a token.
+pub fn signin(error: Option<&str>, next: &str, csrf: &Csrf) -> String {
+    let mut out = String::from(
+        "<h1>Sign in</h1>\n<p class=\"lead\">Paste the token an operator gave you \
+         (<code>shoal token issue</code>). It stays in this browser as a cookie until it \
+         expires or you sign out.</p>\n",
+    );
+    if let Some(e) = error {
+        let _ = writeln!(out, "<p class=\"error\" role=\"alert\">{}</p>", esc(e));
+    }
+    out.push_str(&post_form(
+        "/signin",
+        csrf,
+        None,
+        "class=\"request\"",
+        &format!(
+            "<input type=\"hidden\" name=\"next\" value=\"{}\">\
+             <label for=\"token\">Token</label>\
+             <input id=\"token\" name=\"token\" type=\"password\" required autocomplete=\"off\" spellcheck=\"false\">\n\
+             <button type=\"submit\" id=\"signin\">Sign in</button>",
+            esc(next)
+        ),
+    ));
+    out.push('\n');
+    out
+}
+
+/// A page that says something was done (a mail link used without a
+/// sign-in).
+pub fn done(title: &str, text: &str) -> String {
+    format!(
+        "<h1>{}</h1>\n<p class=\"notice\" role=\"status\">{}</p>\n",
+        esc(title),
+        esc(text)
+    )
+}
+
 /// A page for an error (not found, refused).
 pub fn message(title: &str, text: &str) -> String {
     format!(
@@ -699,6 +863,85 @@ mod tests {
         }
     }
 
+    fn csrf() -> Csrf {
+        let keys = crate::keyring::Keyring::from_keys(vec![[7; 32]])
+            .unwrap()
+            .web_keys();
+        super::super::session::csrf(&keys, "token:t1", 1_800_000_000)
+    }
+
+    /// Every `<form method="post"` of a page carries the CSRF field first.
+    fn every_post_form_has_the_token(html: &str, csrf: &Csrf) -> usize {
+        let want = format!(
+            "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+            esc(csrf.as_str())
+        );
+        let open = ["<form method=", "\"post\""].concat();
+        let forms: Vec<&str> = html.split(&open).skip(1).collect();
+        for f in &forms {
+            let (_, rest) = f.split_once('>').unwrap();
+            assert!(rest.starts_with(&want), "a form without the token: {f}");
+        }
+        forms.len()
+    }
+
+    #[test]
+    fn post_forms_are_written_in_one_place_and_carry_the_token() {
+        // The only literal post form in this file is post_form's.
+        let src = include_str!("pages.rs");
+        let needle = ["<form method=", "\\\"post"].concat();
+        assert_eq!(
+            src.matches(&needle).count(),
+            1,
+            "a post form outside post_form"
+        );
+        let c = csrf();
+        let now = datetime!(2025-01-01 1:00 UTC);
+        let r = rec(EnvStatus::Ready);
+        let may = Actions {
+            extend: true,
+            ret: true,
+            csrf: &c,
+        };
+        let ttls = ttl_choices(Duration::from_secs(3600), Duration::from_secs(7200));
+        let frame = Frame {
+            signed: Some(Signed {
+                user: "li@lab",
+                operator: false,
+                cookie: true,
+                csrf: &c,
+            }),
+            title: "t",
+            node: "n1",
+            nav: "",
+            head: String::new(),
+        };
+        let pages = [
+            (
+                page(&frame, &env_page(&r, None, &ttls, 1, None, &may, now)),
+                2,
+            ),
+            (return_confirm(&r, &c, Some("CAP<")), 1),
+            (extend_confirm(&r, &ttls, &c, None, now), 1),
+            (signin(None, "/my", &c), 1),
+        ];
+        for (html, n) in &pages {
+            assert_eq!(every_post_form_has_the_token(html, &c), *n, "{html}");
+        }
+        assert!(pages[1].0.contains("name=\"cap\" value=\"CAP&lt;\""));
+        // Nothing to do, no form.
+        let none = Actions {
+            extend: false,
+            ret: false,
+            csrf: &c,
+        };
+        let html = env_page(&r, None, &ttls, 1, None, &none, now);
+        assert!(
+            !html.contains("<form") && !html.contains("id=\"return\""),
+            "{html}"
+        );
+    }
+
     #[test]
     fn escapes_everything_put_in_a_page() {
         assert_eq!(
@@ -706,7 +949,21 @@ mod tests {
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
         );
         let now = datetime!(2025-01-01 1:00 UTC);
-        let html = env_page(&rec(EnvStatus::Ready), Some("<why>"), &[], 1, None, now);
+        let c = csrf();
+        let may = Actions {
+            extend: true,
+            ret: true,
+            csrf: &c,
+        };
+        let html = env_page(
+            &rec(EnvStatus::Ready),
+            Some("<why>"),
+            &[],
+            1,
+            None,
+            &may,
+            now,
+        );
         assert!(
             !html.contains("<b>o</b>") && !html.contains("<why>"),
             "{html}"
@@ -841,6 +1098,11 @@ mod tests {
             &ttl_choices(Duration::from_secs(86400), Duration::from_secs(99 * 3600)),
             &FormValues::default(),
             None,
+            &Requester {
+                user: "li@lab",
+                operator: false,
+                csrf: &csrf(),
+            },
             now,
         );
         let pos = |s: &str| html.find(s).unwrap_or_else(|| panic!("{s} missing"));
@@ -848,5 +1110,8 @@ mod tests {
         assert!(pos("<code>2</code>") < pos("<code>1</code>"));
         assert!(html.contains("1d ago") && html.contains("1GiB"), "{html}");
         assert!(html.contains("<option value=\"1d\" selected>"), "{html}");
+        // A tester has no owner field: the environment is theirs.
+        assert!(!html.contains("name=\"owner\"") && html.contains("For <b>li@lab</b>"));
+        assert_eq!(every_post_form_has_the_token(&html, &csrf()), 2);
     }
 }

@@ -47,8 +47,14 @@
   ["pending", "loading", "starting", "ready", "failed", "deleted", "lost"].forEach(function (t) {
     es.addEventListener(t, onEvent);
   });
+  var polling = null;
   es.onerror = function () {
     // The stream ends when the environment is gone; the browser retries
-    // otherwise, which is what we want.
+    // otherwise, which is what we want. A stream refused outright (an
+    // error status) is closed for good: then the live section is fetched
+    // every few seconds instead.
+    if (es.readyState === 2 && !polling) {
+      polling = setInterval(function () { refresh(null); }, 3000);
+    }
   };
 })();
