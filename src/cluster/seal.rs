@@ -380,12 +380,16 @@ impl ReplayGuard {
 }
 
 /// A message in reassembly: when its first fragment came, and its parts.
-type Partial = (Instant, Vec<Option<Vec<u8>>>);
+/// When the first fragment came, its arrival number (the tie-break among
+/// equal times, so the oldest is always the one given up), the fragments.
+type Partial = ((Instant, u64), Vec<Option<Vec<u8>>>);
 
 /// Messages in reassembly, bounded in count and age.
 #[derive(Default)]
 struct Reassembly {
     pending: HashMap<(SocketAddr, u64), Partial>,
+    /// Messages begun so far.
+    begun: u64,
 }
 
 impl Reassembly {
@@ -400,7 +404,7 @@ impl Reassembly {
             return Ok(Some(f.chunk));
         }
         self.pending
-            .retain(|_, (t, _)| now.duration_since(*t) < REASSEMBLY_TIMEOUT);
+            .retain(|_, ((t, _), _)| now.duration_since(*t) < REASSEMBLY_TIMEOUT);
         let key = (from, f.msg_id);
         if !self.pending.contains_key(&key) && self.pending.len() >= MAX_PENDING {
             if let Some(oldest) = self
@@ -412,10 +416,11 @@ impl Reassembly {
                 self.pending.remove(&oldest);
             }
         }
-        let (_, parts) = self
-            .pending
-            .entry(key)
-            .or_insert_with(|| (now, vec![None; usize::from(f.count)]));
+        let begun = &mut self.begun;
+        let (_, parts) = self.pending.entry(key).or_insert_with(|| {
+            *begun += 1;
+            ((now, *begun), vec![None; usize::from(f.count)])
+        });
         if parts.len() != usize::from(f.count) {
             self.pending.remove(&key);
             return Err(Drop::Malformed);
