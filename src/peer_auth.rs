@@ -22,18 +22,29 @@
 //!
 //! Only requests are signed; answers (the event stream above all) come
 //! back on the connection the sender opened.
+//!
+//! Here: the signed string, signing and verifying, and [`PeerAuth`];
+//! `peer_auth/keys.rs` has the HTTP keys, `peer_auth/nonces.rs` the replay
+//! cache, `peer_auth/policy.rs` the policy per seal mode and what the
+//! receiver does with a call.
 
-use std::collections::BTreeSet;
-use std::fmt;
+mod keys;
+mod nonces;
+mod policy;
+
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use hmac::{Hmac, Mac};
+use hmac::Mac;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-type HmacSha256 = Hmac<Sha256>;
+pub use keys::{HttpKey, PeerKeys};
+pub use nonces::NonceCache;
+pub use policy::{admit, Admission, PeerPolicy};
+
+type HmacSha256 = hmac::Hmac<Sha256>;
 
 /// The sending node's name.
 pub const PEER_HEADER: &str = "x-shoal-peer";
@@ -55,91 +66,6 @@ pub const NONCE_CACHE_CAP: usize = 100_000;
 
 const VERSION: &str = "v1";
 const NONCE_LEN: usize = 16;
-
-/// One HTTP key: 32 bytes and a short id derived from them (safe to log).
-#[derive(Clone)]
-pub struct HttpKey {
-    id: String,
-    key: [u8; 32],
-}
-
-impl HttpKey {
-    pub fn new(key: [u8; 32]) -> HttpKey {
-        let mut h = Sha256::new();
-        h.update(b"shoal-http-key-id\0");
-        h.update(key);
-        let id = hex::encode(&h.finalize()[..4]);
-        HttpKey { id, key }
-    }
-
-    /// A key with the id it is known by elsewhere (the keyring's).
-    pub fn with_id(id: &str, key: [u8; 32]) -> HttpKey {
-        HttpKey {
-            id: id.to_string(),
-            key,
-        }
-    }
-
-    /// The key's id, as sent in [`SIG_HEADER`].
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn mac(&self, data: &[u8]) -> HmacSha256 {
-        let mut m = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
-        m.update(data);
-        m
-    }
-}
-
-impl fmt::Debug for HttpKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "HttpKey({}, <redacted>)", self.id)
-    }
-}
-
-/// The HTTP keys of a keyring: the first signs, all verify.
-#[derive(Debug, Clone)]
-pub struct PeerKeys {
-    keys: Vec<HttpKey>,
-}
-
-impl PeerKeys {
-    /// `keys` primary first; `None` when empty.
-    pub fn new(keys: Vec<[u8; 32]>) -> Option<PeerKeys> {
-        if keys.is_empty() {
-            return None;
-        }
-        Some(PeerKeys {
-            keys: keys.into_iter().map(HttpKey::new).collect(),
-        })
-    }
-
-    /// The keyring's HTTP subkeys, primary first, under the keyring's ids.
-    pub fn from_keyring(keyring: &crate::keyring::Keyring) -> PeerKeys {
-        PeerKeys {
-            keys: keyring
-                .http_keys()
-                .iter()
-                .map(|k| HttpKey::with_id(&k.id.to_string(), *k.secret.bytes()))
-                .collect(),
-        }
-    }
-
-    pub fn primary(&self) -> &HttpKey {
-        &self.keys[0]
-    }
-
-    /// Ids of every key, primary first.
-    pub fn ids(&self) -> Vec<String> {
-        self.keys.iter().map(|k| k.id.clone()).collect()
-    }
-
-    fn find(&self, id: &str) -> Option<&HttpKey> {
-        self.keys.iter().find(|k| k.id == id)
-    }
-}
-
 /// A node-to-node call as both ends see it.
 #[derive(Debug, Clone, Copy)]
 pub struct Call<'a> {
@@ -298,68 +224,6 @@ pub fn verify(
     nonces.insert(ts, nonce, now_ms)?;
     Ok(peer.to_string())
 }
-
-/// The `(timestamp, nonce)` pairs accepted within the skew window, bounded
-/// in size (see the module doc). Pure: the caller passes the time.
-#[derive(Debug)]
-pub struct NonceCache {
-    seen: BTreeSet<(u64, [u8; NONCE_LEN])>,
-    cap: usize,
-    /// The newest timestamp ever dropped from `seen`: nothing at or before
-    /// it is accepted any more.
-    floor: Option<u64>,
-}
-
-impl NonceCache {
-    pub fn new(cap: usize) -> NonceCache {
-        NonceCache {
-            seen: BTreeSet::new(),
-            cap: cap.max(1),
-            floor: None,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.seen.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
-    }
-
-    /// Records a pair, or says why it cannot be accepted.
-    pub fn insert(
-        &mut self,
-        ts: u64,
-        nonce: [u8; NONCE_LEN],
-        now_ms: u64,
-    ) -> Result<(), AuthError> {
-        // Pairs older than the window are refused by the skew check anyway.
-        while let Some(&(oldest, _)) = self.seen.first() {
-            if now_ms.saturating_sub(oldest) <= MAX_SKEW_MS {
-                break;
-            }
-            self.drop_oldest();
-        }
-        if self.floor.is_some_and(|f| ts <= f) {
-            return Err(AuthError::TooOld);
-        }
-        if !self.seen.insert((ts, nonce)) {
-            return Err(AuthError::Replay);
-        }
-        while self.seen.len() > self.cap {
-            self.drop_oldest();
-        }
-        Ok(())
-    }
-
-    fn drop_oldest(&mut self) {
-        if let Some((ts, _)) = self.seen.pop_first() {
-            self.floor = Some(self.floor.map_or(ts, |f| f.max(ts)));
-        }
-    }
-}
-
 /// Unix time in milliseconds.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -437,110 +301,14 @@ impl PeerAuth {
         verify(&self.keys, presented, &call, now, &mut nonces)
     }
 }
-
-/// How this node treats node-to-node calls; follows the gossip sealing
-/// mode, so a cluster moves to signed calls the way it moves to sealed
-/// gossip (every node signing first, then every node requiring it).
-#[derive(Debug, Clone)]
-pub enum PeerPolicy {
-    /// Calls are signed; a call with an `x-shoal-*` header is honoured only
-    /// with a valid signature.
-    Required(std::sync::Arc<PeerAuth>),
-    /// Calls are signed and signed calls checked, but unsigned calls of
-    /// nodes not moved yet are still honoured.
-    Transitional(std::sync::Arc<PeerAuth>),
-    /// No cluster key (insecure mode): nothing is signed, any caller's
-    /// `x-shoal-*` headers are honoured.
-    Off,
-}
-
-impl PeerPolicy {
-    /// The policy of node `me`: none without a keyring; with one, it
-    /// follows the gossip seal mode (`required` requires signed calls,
-    /// `transitional` and `off` sign but still honour unsigned ones).
-    pub fn new(
-        me: &str,
-        keyring: Option<&crate::keyring::Keyring>,
-        seal: crate::config::SealMode,
-    ) -> PeerPolicy {
-        let cache = Arc::new(Mutex::new(NonceCache::new(NONCE_CACHE_CAP)));
-        PeerPolicy::with_cache(me, keyring, seal, cache)
-    }
-
-    /// [`PeerPolicy::new`] with the replay cache of the policy it replaces.
-    pub fn with_cache(
-        me: &str,
-        keyring: Option<&crate::keyring::Keyring>,
-        seal: crate::config::SealMode,
-        nonces: Arc<Mutex<NonceCache>>,
-    ) -> PeerPolicy {
-        use crate::config::SealMode;
-        let Some(keyring) = keyring else {
-            return PeerPolicy::Off;
-        };
-        let auth = Arc::new(PeerAuth::with_cache(
-            me,
-            PeerKeys::from_keyring(keyring),
-            nonces,
-        ));
-        match seal {
-            SealMode::Required => PeerPolicy::Required(auth),
-            SealMode::Transitional | SealMode::Off => PeerPolicy::Transitional(auth),
-        }
-    }
-
-    /// The signer of outgoing calls.
-    pub fn signer(&self) -> Option<&std::sync::Arc<PeerAuth>> {
-        match self {
-            PeerPolicy::Required(a) | PeerPolicy::Transitional(a) => Some(a),
-            PeerPolicy::Off => None,
-        }
-    }
-
-    /// `required`, `transitional` or `off`, as `GET /v1/node` shows it.
-    pub fn mode(&self) -> &'static str {
-        match self {
-            PeerPolicy::Required(_) => "required",
-            PeerPolicy::Transitional(_) => "transitional",
-            PeerPolicy::Off => "off",
-        }
-    }
-}
-
-/// What the receiver does with an incoming call (see [`admit`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Admission {
-    /// No signature and no `x-shoal-*` header: an ordinary client call.
-    Plain,
-    /// Signed: check the signature (reading the body), then honour it.
-    Verify,
-    /// Honour its `x-shoal-*` headers without a check (transitional or off).
-    Trust,
-    /// Refuse it: it carries this `x-shoal-*` header without a signature.
-    Refuse(String),
-}
-
-/// Decides from the headers alone. `shoal_header` is the first `x-shoal-*`
-/// header of the call other than the signature's own, if any.
-pub fn admit(policy: &PeerPolicy, signed: bool, shoal_header: Option<&str>) -> Admission {
-    match (policy, signed, shoal_header) {
-        (PeerPolicy::Off, false, None) => Admission::Plain,
-        (PeerPolicy::Off, _, _) => Admission::Trust,
-        (_, true, _) => Admission::Verify,
-        (_, false, None) => Admission::Plain,
-        (PeerPolicy::Transitional(_), false, Some(_)) => Admission::Trust,
-        (PeerPolicy::Required(_), false, Some(h)) => Admission::Refuse(h.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const NOW: u64 = 1_800_000_000_000;
+    pub(super) const NOW: u64 = 1_800_000_000_000;
 
-    fn keys(seeds: &[u8]) -> PeerKeys {
+    pub(super) fn keys(seeds: &[u8]) -> PeerKeys {
         PeerKeys::new(seeds.iter().map(|s| [*s; 32]).collect()).unwrap()
     }
 
@@ -554,7 +322,7 @@ mod tests {
         }
     }
 
-    fn presented(s: &Signed) -> Presented<'_> {
+    pub(super) fn presented(s: &Signed) -> Presented<'_> {
         Presented {
             peer: Some(&s.peer),
             ts: Some(&s.ts),
@@ -768,48 +536,6 @@ mod tests {
         let late = verify(&k, &presented(&s), &at_b, NOW + MAX_SKEW_MS + 1, &mut cache);
         assert_eq!(late, Err(AuthError::Skew));
     }
-
-    #[test]
-    fn a_full_cache_drops_the_oldest_and_refuses_anything_not_newer() {
-        let mut cache = NonceCache::new(3);
-        for (i, ts) in [10u64, 20, 30].into_iter().enumerate() {
-            assert_eq!(cache.insert(NOW + ts, [i as u8; 16], NOW), Ok(()));
-        }
-        assert_eq!(cache.insert(NOW + 40, [3; 16], NOW), Ok(()));
-        assert_eq!(cache.len(), 3);
-        // The dropped pair (ts 10) cannot come back, nor anything as old.
-        assert_eq!(cache.insert(NOW + 10, [0; 16], NOW), Err(AuthError::TooOld));
-        assert_eq!(cache.insert(NOW + 5, [9; 16], NOW), Err(AuthError::TooOld));
-        // Pairs still held are replays; newer ones are fine.
-        assert_eq!(cache.insert(NOW + 20, [1; 16], NOW), Err(AuthError::Replay));
-        assert_eq!(cache.insert(NOW + 25, [9; 16], NOW), Ok(()));
-    }
-
-    #[test]
-    fn the_cache_forgets_pairs_older_than_the_window() {
-        let mut cache = NonceCache::new(100);
-        for i in 0..50u64 {
-            cache.insert(NOW + i, [i as u8; 16], NOW).unwrap();
-        }
-        let later = NOW + 49 + MAX_SKEW_MS + 1;
-        cache.insert(later, [1; 16], later).unwrap();
-        assert_eq!(cache.len(), 1);
-        // Even if the clock steps back, a forgotten pair is refused.
-        assert_eq!(cache.insert(NOW + 3, [3; 16], NOW), Err(AuthError::TooOld));
-    }
-
-    #[test]
-    fn key_ids_are_short_stable_and_the_key_is_never_printed() {
-        let k = HttpKey::new([0xab; 32]);
-        assert_eq!(k.id().len(), 8);
-        assert_eq!(k.id(), HttpKey::new([0xab; 32]).id());
-        assert_ne!(k.id(), HttpKey::new([0xac; 32]).id());
-        let shown = format!("{k:?} {:?}", keys(&[0xab]));
-        assert!(!shown.contains("171"), "{shown}");
-        assert!(!shown.to_lowercase().contains("abab"), "{shown}");
-        assert!(PeerKeys::new(Vec::new()).is_none());
-    }
-
     #[test]
     fn peer_auth_round_trip_with_the_real_clock() {
         let a = PeerAuth::new("node-a", keys(&[4]));
@@ -830,107 +556,6 @@ mod tests {
             a.verify(&presented(&s), "GET", "/v1/environments", b""),
             Err(AuthError::BadSignature)
         );
-    }
-
-    #[test]
-    fn the_policy_follows_the_keyring_and_the_seal_mode() {
-        use crate::config::SealMode;
-        let ring = crate::keyring::Keyring::from_keys(vec![[1; 32], [2; 32]]).unwrap();
-        let cases = [
-            (Some(&ring), SealMode::Required, "required"),
-            (Some(&ring), SealMode::Transitional, "transitional"),
-            (Some(&ring), SealMode::Off, "transitional"),
-            (None, SealMode::Off, "off"),
-            (None, SealMode::Required, "off"),
-        ];
-        for (ring, seal, want) in cases {
-            assert_eq!(PeerPolicy::new("n", ring, seal).mode(), want, "{seal:?}");
-        }
-        // Signed with the keyring's primary under its public id; a node
-        // holding the keys in the other order (mid-rotation) verifies it.
-        let p = PeerPolicy::new("a", Some(&ring), SealMode::Required);
-        let auth = p.signer().unwrap();
-        assert_eq!(
-            auth.key_ids(),
-            ring.ids().iter().map(|i| i.to_string()).collect::<Vec<_>>()
-        );
-        let s = auth.sign("GET", "/x", b"", "b");
-        assert!(s.sig.starts_with(&format!("v1:{}:", ring.primary_id())));
-        let swapped = crate::keyring::Keyring::from_keys(vec![[2; 32], [1; 32]]).unwrap();
-        let b = PeerPolicy::new("b", Some(&swapped), SealMode::Required);
-        assert_eq!(
-            b.signer()
-                .unwrap()
-                .verify(&presented(&s), "GET", "/x", b"")
-                .as_deref(),
-            Ok("a")
-        );
-        // The HTTP key is a subkey: the raw cluster key does not verify.
-        let raw = PeerKeys {
-            keys: vec![HttpKey::with_id(&ring.primary_id().to_string(), [1; 32])],
-        };
-        let raw = PeerAuth::new("b", raw);
-        assert_eq!(
-            raw.verify(&presented(&s), "GET", "/x", b""),
-            Err(AuthError::BadSignature)
-        );
-    }
-
-    #[test]
-    fn a_reload_keeps_the_replay_cache() {
-        use crate::config::SealMode;
-        let old = crate::keyring::Keyring::from_keys(vec![[1; 32]]).unwrap();
-        let both = crate::keyring::Keyring::from_keys(vec![[2; 32], [1; 32]]).unwrap();
-        let a = PeerPolicy::new("a", Some(&old), SealMode::Required);
-        let cache = Arc::new(Mutex::new(NonceCache::new(16)));
-        let before = PeerPolicy::with_cache("b", Some(&old), SealMode::Required, cache.clone());
-        let s = a.signer().unwrap().sign("POST", "/x", b"{}", "b");
-        let verify = |p: &PeerPolicy| {
-            p.signer()
-                .unwrap()
-                .verify(&presented(&s), "POST", "/x", b"{}")
-        };
-        assert_eq!(verify(&before).as_deref(), Ok("a"));
-        // SIGHUP: a new primary, the old key still verifies, same cache.
-        let after = PeerPolicy::with_cache("b", Some(&both), SealMode::Required, cache);
-        assert_eq!(verify(&after), Err(AuthError::Replay));
-        let fresh = PeerPolicy::new("b", Some(&both), SealMode::Required);
-        assert_eq!(
-            verify(&fresh).as_deref(),
-            Ok("a"),
-            "a fresh cache would let it in"
-        );
-    }
-
-    #[test]
-    fn admission_by_policy() {
-        let auth = std::sync::Arc::new(PeerAuth::new("b", keys(&[1])));
-        let req = PeerPolicy::Required(auth.clone());
-        let tra = PeerPolicy::Transitional(auth);
-        let off = PeerPolicy::Off;
-        let local = Some("x-shoal-local");
-        use Admission::*;
-        let cases = [
-            (&req, false, None, Plain),
-            (&req, true, None, Verify),
-            (&req, true, local, Verify),
-            (&req, false, local, Refuse("x-shoal-local".into())),
-            (&tra, false, None, Plain),
-            (&tra, true, local, Verify),
-            (&tra, false, local, Trust),
-            (&off, false, None, Plain),
-            (&off, false, local, Trust),
-            (&off, true, None, Trust),
-        ];
-        for (policy, signed, header, want) in cases {
-            assert_eq!(
-                admit(policy, signed, header),
-                want,
-                "{} {signed} {header:?}",
-                policy.mode()
-            );
-        }
-        assert!(req.signer().is_some() && tra.signer().is_some() && off.signer().is_none());
     }
 
     proptest! {

@@ -35,19 +35,28 @@
 //! Spreading: [`attempt_order`] picks among the near-equal head of the
 //! ranking with a caller-given seed, so concurrent requests entering at
 //! different nodes do not all try the same node first.
+//!
+//! Here: the request, the filters and the ranking; `placement/reason.rs`
+//! has why a node is left out, `placement/spread.rs` the near-equal band
+//! and the order of attempts.
+
+mod reason;
+mod spread;
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fmt;
 
 use serde::Serialize;
 
 use crate::archive::{held_prefix_short, Digest};
 use crate::cluster::keys::LAYER_PREFIX_LEN;
-use crate::cluster::keys::{EngineState, StoreState};
+use crate::cluster::keys::StoreState;
 use crate::cluster::{NodeView, Role};
 use crate::store::Manifest;
-use crate::units::format_size;
+pub use reason::Reason;
+pub use spread::{
+    attempt_order, choose, near_equal_band, NEAR_EQUAL_FRACTION, NEAR_EQUAL_MAX, NEAR_EQUAL_SECS,
+};
 
 /// What an environment needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -75,131 +84,6 @@ pub struct Ranked {
     /// AIO headroom left after this environment.
     pub aio_free_after: u64,
 }
-
-/// Why a node cannot take the environment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "reason", rename_all = "snake_case")]
-pub enum Reason {
-    Dead,
-    Left,
-    UnreadableFacts {
-        error: String,
-    },
-    /// Its gossiped HTTP address failed the checks: nothing is sent there.
-    BadHttpAddr {
-        error: String,
-    },
-    Draining,
-    /// The node's engine does not answer (`unreachable` or `hung`).
-    EngineDown {
-        engine: EngineState,
-    },
-    /// The node cannot read the image store (missing, unmounted, hung).
-    StoreUnavailable,
-    NotSlave {
-        roles: Vec<Role>,
-    },
-    LabelMismatch {
-        label: String,
-        wanted: String,
-        has: Option<String>,
-    },
-    MaxEnvs {
-        running: u32,
-        max: u32,
-    },
-    MemoryShort {
-        short: u64,
-        need: u64,
-        free: u64,
-    },
-    AioShort {
-        short: u64,
-        need: u64,
-        free: u64,
-    },
-}
-
-impl Reason {
-    /// The resource that was short, as refusals name it (`memory`, `aio`,
-    /// `max_envs`, `draining`); `None` for reasons that are not a shortage.
-    pub fn resource(&self) -> Option<&'static str> {
-        match self {
-            Reason::MemoryShort { .. } => Some("memory"),
-            Reason::AioShort { .. } => Some("aio"),
-            Reason::MaxEnvs { .. } => Some("max_envs"),
-            Reason::Draining => Some("draining"),
-            Reason::EngineDown { .. } => Some("engine"),
-            Reason::StoreUnavailable => Some("store"),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Reason::Dead => write!(f, "node is dead (no gossip heartbeat)"),
-            Reason::Left => write!(f, "node left the cluster"),
-            Reason::UnreadableFacts { error } => {
-                write!(f, "node's gossip facts are unreadable: {error}")
-            }
-            Reason::BadHttpAddr { error } => write!(f, "node is not called: {error}"),
-            Reason::Draining => write!(f, "node is draining and takes no new environments"),
-            Reason::EngineDown {
-                engine: EngineState::Hung,
-            } => write!(
-                f,
-                "engine hung (the node's docker engine takes connections but does not answer)"
-            ),
-            Reason::EngineDown { .. } => {
-                write!(
-                    f,
-                    "engine unreachable (the node's docker engine does not answer)"
-                )
-            }
-            Reason::StoreUnavailable => write!(
-                f,
-                "store unavailable (the node cannot read the image store)"
-            ),
-            Reason::NotSlave { roles } => {
-                let r: Vec<&str> = roles.iter().map(Role::as_str).collect();
-                write!(f, "node is not a slave (roles: {})", r.join(", "))
-            }
-            Reason::LabelMismatch {
-                label,
-                wanted,
-                has: Some(has),
-            } => {
-                write!(f, "label {label} is {has}, wanted {wanted}")
-            }
-            Reason::LabelMismatch {
-                label,
-                wanted,
-                has: None,
-            } => {
-                write!(f, "label {label} is not set, wanted {wanted}")
-            }
-            Reason::MaxEnvs { running, max } => {
-                write!(f, "node runs {running} of at most {max} environments")
-            }
-            Reason::MemoryShort { short, need, free } => write!(
-                f,
-                "memory short by {} (needs {}, {} free)",
-                format_size(*short),
-                format_size(*need),
-                format_size(*free)
-            ),
-            Reason::AioShort { short, need, free } => {
-                write!(
-                    f,
-                    "AIO contexts short by {short} (needs {need}, {free} free)"
-                )
-            }
-        }
-    }
-}
-
 /// The answer: who can take it, best first, and why the others cannot.
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Placement {
@@ -339,54 +223,6 @@ fn check(
         aio_free_after: aio_free - req.aio,
     })
 }
-
-/// Candidates whose predicted time is within this fraction of the best...
-pub const NEAR_EQUAL_FRACTION: f64 = 0.10;
-/// ...or within this many seconds of it, are near-equal.
-pub const NEAR_EQUAL_SECS: f64 = 2.0;
-/// At most this many near-equal candidates share the first attempts, so
-/// packing (tightest fit first) still mostly holds.
-pub const NEAR_EQUAL_MAX: usize = 3;
-
-/// How many leading candidates of a ranking are near-equal to the best.
-pub fn near_equal_band(ranked: &[Ranked]) -> usize {
-    let Some(best) = ranked.first() else { return 0 };
-    let limit = best.predicted_load_secs
-        + (best.predicted_load_secs * NEAR_EQUAL_FRACTION).max(NEAR_EQUAL_SECS);
-    ranked
-        .iter()
-        .take(NEAR_EQUAL_MAX)
-        .take_while(|r| r.predicted_load_secs <= limit)
-        .count()
-}
-
-/// The order in which to ask candidates to reserve: the near-equal band
-/// rotated by `seed` (e.g. a hash of the request id), then the rest in rank
-/// order. Deterministic for a given seed.
-pub fn attempt_order(ranked: &[Ranked], seed: u64) -> Vec<&Ranked> {
-    let band = near_equal_band(ranked);
-    let mut out: Vec<&Ranked> = Vec::with_capacity(ranked.len());
-    if band > 0 {
-        let start = (mix(seed) % band as u64) as usize;
-        out.extend(ranked[..band].iter().cycle().skip(start).take(band));
-    }
-    out.extend(&ranked[band..]);
-    out
-}
-
-/// The candidate to ask first: the head of [`attempt_order`].
-pub fn choose(ranked: &[Ranked], seed: u64) -> Option<&Ranked> {
-    attempt_order(ranked, seed).into_iter().next()
-}
-
-/// splitmix64: spreads consecutive seeds over the band.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// The chain-id prefixes a node gossips for the layers it holds.
 pub fn layer_prefixes(chain_ids: &[Digest]) -> BTreeSet<String> {
     chain_ids
@@ -399,6 +235,7 @@ pub fn layer_prefixes(chain_ids: &[Digest]) -> BTreeSet<String> {
 mod tests {
     use super::*;
     use crate::archive::chain_ids;
+    use crate::cluster::keys::EngineState;
     use crate::cluster::NodeFacts;
 
     const GIB: u64 = 1 << 30;
@@ -762,67 +599,6 @@ mod tests {
             check(nodes, r, &expect);
         }
     }
-
-    #[test]
-    fn reasons_read_as_sentences() {
-        let cases = [
-            (Reason::Dead, "node is dead (no gossip heartbeat)"),
-            (
-                Reason::EngineDown {
-                    engine: EngineState::Unreachable,
-                },
-                "engine unreachable (the node's docker engine does not answer)",
-            ),
-            (
-                Reason::EngineDown {
-                    engine: EngineState::Hung,
-                },
-                "engine hung (the node's docker engine takes connections but does not answer)",
-            ),
-            (
-                Reason::StoreUnavailable,
-                "store unavailable (the node cannot read the image store)",
-            ),
-            (
-                Reason::NotSlave {
-                    roles: vec![Role::Build],
-                },
-                "node is not a slave (roles: build)",
-            ),
-            (
-                Reason::LabelMismatch {
-                    label: "memory".into(),
-                    wanted: "256GB".into(),
-                    has: Some("128GB".into()),
-                },
-                "label memory is 128GB, wanted 256GB",
-            ),
-            (
-                Reason::MaxEnvs { running: 8, max: 8 },
-                "node runs 8 of at most 8 environments",
-            ),
-            (
-                Reason::MemoryShort {
-                    short: 12 * GIB,
-                    need: 32 * GIB,
-                    free: 20 * GIB,
-                },
-                "memory short by 12GiB (needs 32GiB, 20GiB free)",
-            ),
-            (
-                Reason::AioShort {
-                    short: 5,
-                    need: 10,
-                    free: 5,
-                },
-                "AIO contexts short by 5 (needs 10, 5 free)",
-            ),
-        ];
-        for (r, s) in cases {
-            assert_eq!(r.to_string(), s);
-        }
-    }
-
     #[test]
     fn missing_bytes_skip_the_longest_held_prefix() {
         let img = image();
@@ -873,65 +649,5 @@ mod tests {
             with("base", |_, f| f.layers = [chain[0].short(16)].into()),
         ];
         assert_eq!(order(nodes, req(0, 0)), ["base", "none"]);
-    }
-
-    fn ranked(name: &str, secs: f64) -> Ranked {
-        Ranked {
-            node: name.into(),
-            http_addr: String::new(),
-            predicted_load_secs: secs,
-            missing_bytes: 0,
-            memory_free_after: 0,
-            aio_free_after: 0,
-        }
-    }
-
-    #[test]
-    fn near_equal_band_cases() {
-        let cases: Vec<(Vec<f64>, usize)> = vec![
-            (vec![], 0),
-            (vec![0.0], 1),
-            (vec![0.0, 0.0, 0.0, 0.0], 3),  // capped at NEAR_EQUAL_MAX
-            (vec![0.0, 1.9, 2.1], 2),       // 2 s absolute slack
-            (vec![100.0, 109.0, 111.0], 2), // 10% relative slack
-            (vec![0.0, 130.0], 1),          // cached vs cold: not equal
-        ];
-        for (secs, want) in cases {
-            let r: Vec<Ranked> = secs
-                .iter()
-                .enumerate()
-                .map(|(i, s)| ranked(&format!("n{i}"), *s))
-                .collect();
-            assert_eq!(near_equal_band(&r), want, "{secs:?}");
-        }
-    }
-
-    #[test]
-    fn attempt_order_spreads_and_keeps_everyone() {
-        let r: Vec<Ranked> = ["a", "b", "c", "d"]
-            .iter()
-            .map(|n| ranked(n, 0.0))
-            .collect();
-        let mut firsts = BTreeSet::new();
-        for seed in 0..64 {
-            let o: Vec<&str> = attempt_order(&r, seed)
-                .iter()
-                .map(|x| x.node.as_str())
-                .collect();
-            assert_eq!(o.len(), 4);
-            assert_eq!(o[3], "d", "outside the band stays last");
-            let mut sorted = o.clone();
-            sorted.sort();
-            assert_eq!(sorted, ["a", "b", "c", "d"]);
-            firsts.insert(o[0].to_string());
-            // Deterministic.
-            assert_eq!(choose(&r, seed).unwrap().node, o[0]);
-        }
-        assert_eq!(
-            firsts.len(),
-            3,
-            "the first attempt spreads over the whole band"
-        );
-        assert!(choose(&[], 1).is_none());
     }
 }

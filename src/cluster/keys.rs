@@ -13,15 +13,24 @@
 //!
 //! Fast-moving numbers are rounded in the conservative direction (free room
 //! is never overstated) so that gossip does not churn on every sample.
+//!
+//! The key format and its encoding and decoding live here; `keys/role.rs`
+//! has the node roles, `keys/http_addr.rs` the check of a gossiped `http`
+//! address, `keys/diff.rs` the diff of published key-values.
+
+mod diff;
+mod http_addr;
+mod role;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 pub use crate::health::EngineState;
 pub use crate::store::StoreState;
+pub use diff::{diff_kv, kv_bytes, KvDiff};
+pub use http_addr::check_http_addr;
+pub use role::{BadRole, Role};
 
 /// Longest value shoal puts in gossip, in bytes.
 pub const MAX_VALUE_LEN: usize = 400;
@@ -96,63 +105,6 @@ fn bad(key: &str, value: &str, reason: impl Into<String>) -> KeyError {
         reason: reason.into(),
     }
 }
-
-/// What a node may be used for. `slave` takes environments; the others are
-/// the labels the seed's cluster used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Slave,
-    Build,
-    Master,
-    Test,
-}
-
-impl Role {
-    pub const ALL: [Role; 4] = [Role::Slave, Role::Build, Role::Master, Role::Test];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Role::Slave => "slave",
-            Role::Build => "build",
-            Role::Master => "master",
-            Role::Test => "test",
-        }
-    }
-
-    /// The roles of a node configured with `roles`: none given means all.
-    pub fn effective(roles: &BTreeSet<Role>) -> BTreeSet<Role> {
-        if roles.is_empty() {
-            Role::ALL.into_iter().collect()
-        } else {
-            roles.clone()
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a role: use slave, build, master or test")]
-pub struct BadRole(pub String);
-
-impl FromStr for Role {
-    type Err = BadRole;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "slave" => Ok(Role::Slave),
-            "build" => Ok(Role::Build),
-            "master" => Ok(Role::Master),
-            "test" => Ok(Role::Test),
-            _ => Err(BadRole(s.to_string())),
-        }
-    }
-}
-
 /// One environment as its node gossips it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnvSummary {
@@ -226,80 +178,6 @@ pub fn valid_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
-
-/// Checks a gossiped `http` value before any node connects to it: a bare
-/// `host:port` (the caller adds `http://`), no scheme, path, query or user
-/// info, a port 1-65535. An IP must be a unicast address and the very IP
-/// the node gossips from (`gossip_ip`), so a member cannot point others'
-/// forwards at a third host. A DNS name (1-253 of `A-Z a-z 0-9 - .`, labels
-/// of 1-63 not starting or ending with `-`, not all digits) is accepted as
-/// named: it cannot be matched without resolving it.
-pub fn check_http_addr(value: &str, gossip_ip: std::net::IpAddr) -> Result<(), String> {
-    if value.is_empty() {
-        return Err("the http address is empty".into());
-    }
-    for (bad, what) in [
-        ("://", "a scheme"),
-        ("@", "user info"),
-        ("/", "a path"),
-        ("?", "a query"),
-        ("#", "a fragment"),
-    ] {
-        if value.contains(bad) {
-            return Err(format!(
-                "the http address has {what}; only host:port is allowed"
-            ));
-        }
-    }
-    if let Ok(sa) = value.parse::<std::net::SocketAddr>() {
-        let ip = sa.ip();
-        if sa.port() == 0 {
-            return Err("the http address has port 0".into());
-        }
-        let broadcast = ip == std::net::IpAddr::from([255, 255, 255, 255]);
-        if ip.is_unspecified() || ip.is_multicast() || broadcast {
-            return Err(format!("the http address {ip} is not a unicast address"));
-        }
-        if ip != gossip_ip {
-            return Err(format!(
-                "the http address {ip} is not the address the node gossips from ({gossip_ip})"
-            ));
-        }
-        return Ok(());
-    }
-    let Some((host, port)) = value.rsplit_once(':') else {
-        return Err("the http address has no port".into());
-    };
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => {}
-        _ => {
-            return Err(format!(
-                "the http address has a bad port `{}`",
-                short_text(port)
-            ))
-        }
-    }
-    let label_ok = |l: &str| {
-        (1..=63).contains(&l.len())
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    let host_ok = (1..=253).contains(&host.len())
-        && host.split('.').all(label_ok)
-        && !host
-            .rsplit('.')
-            .next()
-            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
-    if !host_ok {
-        return Err(format!(
-            "the http address has a bad host `{}`",
-            short_text(host)
-        ));
-    }
-    Ok(())
-}
-
 fn valid_layer_prefix(s: &str) -> bool {
     s.len() == LAYER_PREFIX_LEN
         && s.bytes()
@@ -630,56 +508,13 @@ pub fn has_left<'a>(kv: impl IntoIterator<Item = (&'a str, &'a str)>) -> bool {
 pub fn left_kv() -> (String, String) {
     (KEY_LEFT.to_string(), "1".to_string())
 }
-
-/// The operations that turn the published key-values `old` into `new`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KvDiff {
-    /// Keys to set (new or changed values).
-    pub set: Vec<(String, String)>,
-    /// Keys to delete (tombstoned, so peers learn of the removal).
-    pub delete: Vec<String>,
-}
-
-impl KvDiff {
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.delete.is_empty()
-    }
-}
-
-/// Diffs two key-value sets. Keys in `old` that shoal does not own (none
-/// today) are deleted too: the node's state is exactly `new` afterwards.
-pub fn diff_kv<'a>(
-    old: impl IntoIterator<Item = (&'a str, &'a str)>,
-    new: &[(String, String)],
-) -> KvDiff {
-    let old: BTreeMap<&str, &str> = old.into_iter().collect();
-    let new_map: BTreeMap<&str, &str> = new.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let set = new_map
-        .iter()
-        .filter(|(k, v)| old.get(*k) != Some(*v))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let delete = old
-        .keys()
-        .filter(|k| !new_map.contains_key(*k))
-        .map(|k| k.to_string())
-        .collect();
-    KvDiff { set, delete }
-}
-
-/// Sum of key and value bytes: what a node's state weighs in gossip,
-/// before chitchat's per-entry overhead.
-pub fn kv_bytes(kv: &[(String, String)]) -> usize {
-    kv.iter().map(|(k, v)| k.len() + v.len()).sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::collection::{btree_map, btree_set, vec};
     use proptest::prelude::*;
 
-    fn sample() -> NodeFacts {
+    pub(super) fn sample() -> NodeFacts {
         NodeFacts {
             name: "node-1".into(),
             http_addr: "10.0.0.1:8080".into(),
@@ -715,60 +550,7 @@ mod tests {
             .into(),
         }
     }
-
-    #[test]
-    fn gossiped_http_addresses_are_checked() {
-        let from: std::net::IpAddr = "10.0.0.1".parse().unwrap();
-        let cases: &[(&str, Result<(), &str>)] = &[
-            ("10.0.0.1:7070", Ok(())),
-            ("node-1.lab.example:7070", Ok(())),
-            ("localhost:1", Ok(())),
-            (
-                "10.0.0.2:7070",
-                Err("not the address the node gossips from (10.0.0.1)"),
-            ),
-            (
-                "127.0.0.1:7070",
-                Err("not the address the node gossips from"),
-            ),
-            ("10.0.0.1:0", Err("port 0")),
-            ("0.0.0.0:7070", Err("not a unicast")),
-            ("224.0.0.1:7070", Err("not a unicast")),
-            ("255.255.255.255:7070", Err("not a unicast")),
-            ("http://10.0.0.1:7070", Err("a scheme")),
-            ("evil@10.0.0.1:7070", Err("user info")),
-            ("10.0.0.1:7070/admin", Err("a path")),
-            ("10.0.0.1:7070?x", Err("a query")),
-            ("10.0.0.1:7070#x", Err("a fragment")),
-            ("10.0.0.1", Err("no port")),
-            ("node-1", Err("no port")),
-            ("node-1:", Err("bad port")),
-            ("node-1:70000", Err("bad port")),
-            ("node-1:+80", Err("bad port")),
-            ("node-1:0", Err("bad port")),
-            (":7070", Err("bad host")),
-            ("-node:7070", Err("bad host")),
-            ("node..lab:7070", Err("bad host")),
-            ("no de:7070", Err("bad host")),
-            ("nœud:7070", Err("bad host")),
-            ("10.1:7070", Err("bad host")),
-            ("::1:7070", Err("bad host")),
-            ("", Err("empty")),
-        ];
-        for (value, want) in cases {
-            let got = check_http_addr(value, from);
-            match (want, &got) {
-                (Ok(()), Ok(())) => {}
-                (Err(w), Err(e)) if e.contains(w) => {}
-                _ => panic!("{value:?}: got {got:?}, want {want:?}"),
-            }
-        }
-        let v6: std::net::IpAddr = "fd00::1".parse().unwrap();
-        assert_eq!(check_http_addr("[fd00::1]:7070", v6), Ok(()));
-        assert!(check_http_addr("[fd00::2]:7070", v6).is_err());
-    }
-
-    fn kv_refs(kv: &[(String, String)]) -> impl Iterator<Item = (&str, &str)> {
+    pub(super) fn kv_refs(kv: &[(String, String)]) -> impl Iterator<Item = (&str, &str)> {
         kv.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
@@ -959,22 +741,6 @@ mod tests {
         assert_eq!(from_kv(kv_refs(&kv)).unwrap().layers.len(), 300);
         assert_eq!(from_kv(kv_refs(&kv)).unwrap().envs.len(), 8);
     }
-
-    #[test]
-    fn diff_sets_changed_and_deletes_removed() {
-        let mut a = sample();
-        let old = to_kv(&a);
-        a.envs.clear();
-        a.layers.insert("fedcba9876543210".into());
-        a.memory_committed = 0;
-        let new = to_kv(&a);
-        let d = diff_kv(kv_refs(&old), &new);
-        assert_eq!(d.delete, vec!["env:e1".to_string()]);
-        let set_keys: Vec<&str> = d.set.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(set_keys, vec!["layer:fedcba9876543210", "mem"]);
-        assert!(diff_kv(kv_refs(&new), &new).is_empty());
-    }
-
     fn arb_text() -> impl Strategy<Value = String> {
         "[ -~]{0,40}"
     }
@@ -1071,24 +837,6 @@ mod tests {
             kv.extend(to_kv(&NodeFacts::default()).into_iter().zip(nums).map(|((k, _), v)| (k, v)));
             if let Ok(f) = from_kv(kv_refs(&kv)) {
                 prop_assert!(f.envs.keys().all(|id| valid_name(id)));
-            }
-        }
-
-        #[test]
-        fn an_accepted_http_address_is_a_plain_authority(
-            v in prop_oneof![".{0,40}", "[a-z0-9.:@/-]{1,24}", "10\\.0\\.0\\.[0-9]{1,3}:[0-9]{1,6}"],
-            ip in prop_oneof![Just([10u8, 0, 0, 1]), any::<[u8; 4]>()],
-        ) {
-            let ip = std::net::IpAddr::from(ip);
-            if check_http_addr(&v, ip).is_ok() {
-                prop_assert!(v.is_ascii());
-                prop_assert!(!v.contains(['/', '@', '?', '#', ' ']));
-                let url = format!("http://{v}/x");
-                let uri: hyper::Uri = url.parse().unwrap();
-                prop_assert_eq!(uri.authority().map(|a| a.as_str()), Some(v.as_str()));
-                if let Ok(sa) = v.parse::<std::net::SocketAddr>() {
-                    prop_assert_eq!(sa.ip(), ip);
-                }
             }
         }
 
