@@ -145,6 +145,10 @@ pub struct Config {
     /// `http://<listen address>` (the advertised host when listening on
     /// all addresses).
     pub public_url: Option<String>,
+    /// Reads of the catalog (`GET /v1/images*`) and of the cluster view
+    /// (`GET /v1/cluster`, `GET /v1/node`) without a token. Default false:
+    /// every `/v1/` route but the OpenAPI document needs a token.
+    pub open_read: Option<bool>,
 }
 
 impl Config {
@@ -198,6 +202,7 @@ impl Config {
             build_timeout,
             prune_grace,
             image_gc_interval,
+            open_read,
             default_ttl,
             max_ttl,
             expiry_warning,
@@ -377,6 +382,7 @@ impl Config {
             smtp,
             mail_from,
             public_url,
+            open_read: self.open_read.unwrap_or(false),
         })
     }
 
@@ -573,6 +579,8 @@ pub struct Settings {
     pub mail_from: String,
     /// Without a trailing `/`; `None`: derived from the bound address.
     pub public_url: Option<String>,
+    /// Catalog and cluster reads without a token (`open_read`).
+    pub open_read: bool,
 }
 
 #[cfg(test)]

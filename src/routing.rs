@@ -21,7 +21,7 @@
 //! called only at an `http` address that passed the gossip checks
 //! ([`NodeView::http_addr`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -209,6 +209,9 @@ pub struct Cluster {
     /// reload is still a replay after it).
     peer_nonces: Arc<Mutex<NonceCache>>,
     seal_stats: Arc<SealStats>,
+    /// The revoked token ids this node gossips (`auth.rs`), set by the
+    /// revocation worker.
+    revoked: Mutex<BTreeMap<String, u64>>,
 }
 
 /// Why a request could not be routed or served.
@@ -272,6 +275,7 @@ impl Cluster {
             cluster_id: settings.cluster_id.clone(),
             insecure: settings.insecure_gossip,
             seal_stats: Arc::default(),
+            revoked: Mutex::default(),
         };
         me.refresh_layers().await;
         let gossip =
@@ -372,7 +376,32 @@ impl Cluster {
             load_bps: self.envs.last_load_bps(),
             layers: self.layers.lock().clone(),
             envs,
+            revoked: self.revoked.lock().clone(),
         }
+    }
+
+    /// The revoked token ids to gossip from now on.
+    pub fn set_revoked(&self, revoked: &crate::auth::Revocations) {
+        *self.revoked.lock() = revoked.iter().map(|(k, v)| (k.to_string(), v)).collect();
+    }
+
+    /// Every revocation the cluster's nodes gossip (alive or not).
+    pub fn gossiped_revocations(&self) -> crate::auth::Revocations {
+        let view = self.view();
+        let now = crate::auth::now_secs();
+        let mut all = crate::auth::Revocations::default();
+        for n in &view.nodes {
+            if let Some(f) = &n.facts {
+                all.merge(
+                    &crate::auth::Revocations::from_pairs(
+                        f.revoked.iter().map(|(k, v)| (k.as_str(), *v)),
+                        now,
+                    ),
+                    now,
+                );
+            }
+        }
+        all
     }
 
     /// Re-reads the layers the engine holds. Skipped while the engine is
