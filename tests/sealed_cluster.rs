@@ -99,13 +99,24 @@ async fn unsealed_to_sealed_and_key_rotation_live_on_three_nodes() -> Result<()>
     for (i, name) in names.iter().enumerate() {
         std::fs::write(conf(i), unsealed)?;
         let conf_s = conf(i).display().to_string();
-        let mut args = vec!["--cluster-id", &cluster_id, "--config", &conf_s];
+        // The key that signs user tokens changes with every step below
+        // (the node's own, then key A, then B): the test reads the views
+        // without a token (`--open-read`).
+        let mut args = vec![
+            "--cluster-id",
+            &cluster_id,
+            "--config",
+            &conf_s,
+            "--open-read",
+        ];
         let seed;
         if let Some(first) = nodes.first() {
             seed = first.gossip.clone();
             args.extend(["--seed", &seed]);
         }
-        nodes.push(Node::start(name, &tmp.path().join(name), &store, &args).await?);
+        let mut node = Node::start(name, &tmp.path().join(name), &store, &args).await?;
+        node.client = node.anonymous()?;
+        nodes.push(node);
     }
     let want: BTreeSet<String> = names.iter().cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(60);

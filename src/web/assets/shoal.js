@@ -47,8 +47,16 @@
   ["pending", "loading", "starting", "ready", "failed", "deleted", "lost"].forEach(function (t) {
     es.addEventListener(t, onEvent);
   });
+  var polling = null;
   es.onerror = function () {
     // The stream ends when the environment is gone; the browser retries
-    // otherwise, which is what we want.
+    // otherwise, which is what we want. A stream refused outright (closed:
+    // e.g. 401 without a token) leaves the page to poll its live section.
+    if (es.readyState === EventSource.CLOSED && !polling) {
+      polling = setInterval(function () {
+        if (live.querySelector('[data-status="deleted"],[data-status="lost"],[data-status="failed"]')) { clearInterval(polling); return; }
+        refresh(null);
+      }, 2000);
+    }
   };
 })();
