@@ -23,9 +23,10 @@ struct Stream {
 }
 
 impl Stream {
-    fn open(url: &str) -> Result<Stream> {
+    fn open(url: &str, token: Option<&str>) -> Result<Stream> {
+        let auth = format!("Authorization: Bearer {}", token.unwrap_or_default());
         let mut child = Command::new("curl")
-            .args(["-sS", "-N", "--max-time", "300", url])
+            .args(["-sS", "-N", "--max-time", "300", "-H", &auth, url])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -108,7 +109,8 @@ async fn sigterm_with_open_event_streams_drains_and_exits() -> Result<()> {
 
     // Two clients follow the environment and never hang up by themselves.
     let url = format!("{}/v1/environments/{}/events", s.node.url, env.id);
-    let mut streams = vec![Stream::open(&url)?, Stream::open(&url)?];
+    let token = s.node.token.as_deref();
+    let mut streams = vec![Stream::open(&url, token)?, Stream::open(&url, token)?];
     for st in &streams {
         let first: Value = serde_json::from_str(&st.next_data(Duration::from_secs(10))?)?;
         assert_eq!(first["status"], "ready", "{first}");
