@@ -459,9 +459,11 @@ pub enum Need {
     /// Nothing: `/healthz`, the OpenAPI document, and every path outside
     /// `/v1/` (the web page, which signs in on its own).
     Open,
-    /// A token of any role, or none with `open_read`: the catalog and the
-    /// cluster view.
+    /// A token of any role, or none with `open_read`: the catalog.
     Read,
+    /// An operator's token, or any caller with `open_read`: the cluster
+    /// view (`/v1/cluster`, `/v1/node`).
+    ClusterRead,
     /// A token of any role; the handler checks whose object it is.
     User,
     /// An operator's token.
@@ -479,7 +481,7 @@ pub fn need(method: &str, path: &str) -> Need {
     match first {
         "openapi.json" if rest == "openapi.json" => Need::Open,
         "images" if get => Need::Read,
-        "cluster" | "node" if get => Need::Read,
+        "cluster" | "node" if get => Need::ClusterRead,
         "environments" => Need::User,
         _ => Need::Operator,
     }
@@ -794,8 +796,8 @@ mod tests {
             ("HEAD", "/v1/images", Read),
             ("GET", "/v1/images/demo:1", Read),
             ("POST", "/v1/images", Operator),
-            ("GET", "/v1/cluster", Read),
-            ("GET", "/v1/node", Read),
+            ("GET", "/v1/cluster", ClusterRead),
+            ("GET", "/v1/node", ClusterRead),
             ("POST", "/v1/node", Operator),
             ("GET", "/v1/environments", User),
             ("POST", "/v1/environments", User),

@@ -146,8 +146,9 @@ pub struct Config {
     /// all addresses).
     pub public_url: Option<String>,
     /// Reads of the catalog (`GET /v1/images*`) and of the cluster view
-    /// (`GET /v1/cluster`, `GET /v1/node`) without a token. Default false:
-    /// every `/v1/` route but the OpenAPI document needs a token.
+    /// (`GET /v1/cluster`, `GET /v1/node`) without a token (the cluster
+    /// view is otherwise the operators'). Default false: every `/v1/` route
+    /// but the OpenAPI document needs a token.
     pub open_read: Option<bool>,
 }
 

@@ -287,6 +287,8 @@ async fn who_may_do_what_across_three_hosts() -> Result<()> {
         ("GET", "/v1/workers"),
         ("GET", "/v1/builds"),
         ("POST", "/v1/tokens"),
+        ("GET", "/v1/cluster"),
+        ("GET", "/v1/node"),
     ] {
         let (code, err) = call(
             &a,
@@ -427,6 +429,10 @@ async fn who_may_do_what_across_three_hosts() -> Result<()> {
     let (code, _) = call(&h2.client, "GET", "/v1/environments", None).await?;
     assert_eq!(code, 200);
 
+    // A tester reads the catalog; the cluster view only where it is open.
+    assert_eq!(call(&a, "GET", "/v1/images", None).await?.0, 200);
+    let a2 = h2.tester("a@lab")?;
+    assert_eq!(call(&a2, "GET", "/v1/cluster", None).await?.0, 200);
     // --open-read: host 2 shows the catalog and the cluster without a
     // token; host 0 does not; writes need a token everywhere.
     let anon2 = h2.anonymous()?;

@@ -3,8 +3,9 @@
 //! refused before any handler runs.
 //!
 //! - What a route needs is [`auth::need`] (pure, table-tested): `/healthz`,
-//!   `/v1/openapi.json` and the web page's paths are open; the catalog and
-//!   the cluster view need a token unless the node runs with `open_read`;
+//!   `/v1/openapi.json` and the web page's paths are open; the catalog
+//!   needs a token and the cluster view an operator's, unless the node runs
+//!   with `open_read`;
 //!   environments need a token of any role (their handlers check whose
 //!   environment it is); everything else needs an operator.
 //! - No token, or one that does not verify (malformed, another key,
@@ -180,9 +181,12 @@ pub fn decide(
         },
     };
     match (need, ident) {
-        (Need::Read, None) if open_read => Ok(Some(Caller::Anonymous)),
+        (Need::Read | Need::ClusterRead, None) if open_read => Ok(Some(Caller::Anonymous)),
         (_, None) => Err(unauthorized("this needs a token")),
-        (Need::Operator, Some(i)) if !i.is_operator() => Err(denied(Denied::OperatorOnly)),
+        (Need::ClusterRead, Some(i)) if open_read => Ok(Some(Caller::User(i))),
+        (Need::Operator | Need::ClusterRead, Some(i)) if !i.is_operator() => {
+            Err(denied(Denied::OperatorOnly))
+        }
         (_, Some(i)) => Ok(Some(Caller::User(i))),
     }
 }
@@ -357,6 +361,38 @@ mod tests {
                 false,
                 Ok(Some(Role::Tester)),
             ),
+            (
+                "tester on the cluster view",
+                Need::ClusterRead,
+                false,
+                h(&format!("Bearer {tester}")),
+                false,
+                Err(403),
+            ),
+            (
+                "tester on the open cluster view",
+                Need::ClusterRead,
+                false,
+                h(&format!("Bearer {tester}")),
+                true,
+                Ok(Some(Role::Tester)),
+            ),
+            (
+                "operator on the cluster view",
+                Need::ClusterRead,
+                false,
+                h(&format!("Bearer {op}")),
+                false,
+                Ok(Some(Role::Operator)),
+            ),
+            (
+                "nobody on the cluster view",
+                Need::ClusterRead,
+                false,
+                none.clone(),
+                false,
+                Err(401),
+            ),
         ];
         for (name, need, peer, headers, open_read, want) in cases {
             let got = decide(need, peer, None, &headers, open_read, check);
@@ -373,10 +409,12 @@ mod tests {
         }
         // Open reads without a token; the cluster on a peer call; an
         // identity set by an outer layer.
-        assert_eq!(
-            decide(Need::Read, false, None, &none, true, check).unwrap(),
-            Some(Caller::Anonymous)
-        );
+        for need in [Need::Read, Need::ClusterRead] {
+            assert_eq!(
+                decide(need, false, None, &none, true, check).unwrap(),
+                Some(Caller::Anonymous)
+            );
+        }
         assert_eq!(
             decide(Need::Operator, true, None, &none, false, check).unwrap(),
             Some(Caller::Cluster)
