@@ -58,13 +58,16 @@ use crate::docker::EngineInfo;
 use crate::envs::{EnvError, Envs};
 use crate::model::{
     EnvRecord, EnvRequest, ErrorBody, ExtendRequest, FieldError, ImageInfo, NodeInfo,
-    PublishRequest,
+    PublishRequest, RevokeRequest, Revoked, TokenIssued, TokenRequest,
 };
 use crate::peer_auth::{self, Admission, PeerPolicy, Presented};
 use crate::routing::{Cluster, Forwarded, RouteError, BUDGET_HEADER, LOCAL_HEADER};
 use crate::store::{ImageRef, PublishHint, StoreError};
 
+pub mod authn;
 pub mod guard;
+
+pub use authn::Caller;
 
 pub use guard::{public_error, MAX_IN_FLIGHT, PUBLISH_TIMEOUT, REQUEST_ID_HEADER, REQUEST_TIMEOUT};
 
@@ -368,6 +371,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/environments/{id}/extend",
             axum::routing::post(extend_env),
         )
+        .route("/v1/tokens", axum::routing::post(issue_token))
+        .route("/v1/tokens/revoke", axum::routing::post(revoke_token))
         .merge(crate::web::routes(state.clone()))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -377,6 +382,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        // Runs after the peer gate (layers added later run first).
+        .layer(axum::middleware::from_fn_with_state(
+            state.auth.clone(),
+            authn::gate,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             {
                 let cluster = state.cluster.clone();
@@ -613,6 +623,7 @@ fn passthrough(f: Forwarded) -> Response {
 /// request, the image's manifest, and the request checked against it.
 async fn env_request(
     s: &AppState,
+    caller: Option<&Caller>,
     req: axum::extract::Request,
 ) -> Result<
     (
@@ -623,8 +634,17 @@ async fn env_request(
     ),
     ApiError,
 > {
-    let body = body_bytes(req).await?;
-    let req: EnvRequest = parse_body(&body)?;
+    let mut body = body_bytes(req).await?;
+    let mut req: EnvRequest = parse_body(&body)?;
+    if let Some(caller) = caller {
+        // The owner is settled here, on the node the client called: the
+        // body forwarded to the node that takes it names it.
+        let owner = caller.owner_for(req.owner.trim())?;
+        if owner != req.owner {
+            req.owner = owner;
+            body = serde_json::to_vec(&req).expect("request serializes").into();
+        }
+    }
     let r = req.image_ref()?;
     let manifest = s.envs.store().call(move |st| st.get(&r)).await?;
     let spec = req.check(&manifest.requirements, s.envs.settings().default_memory)?;
@@ -655,6 +675,7 @@ async fn env_request(
 async fn create_env(
     State(s): State<Arc<AppState>>,
     Local(local): Local,
+    caller: Caller,
     headers: HeaderMap,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
@@ -662,7 +683,7 @@ async fn create_env(
     // unread before (the node was frozen or starved).
     let read_at = tokio::time::Instant::now();
     let stalled = s.cluster.stalled(read_at);
-    let (body, req, manifest, spec) = env_request(&s, req).await?;
+    let (body, req, manifest, spec) = env_request(&s, Some(&caller), req).await?;
     if !local {
         return Ok(passthrough(
             s.cluster.create(&body, &req, spec, manifest).await?,
@@ -711,12 +732,21 @@ async fn create_env(
         (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
     )
 )]
-async fn list_envs(State(s): State<Arc<AppState>>, Local(local): Local) -> impl IntoResponse {
-    if local {
-        Json(s.envs.list())
+async fn list_envs(
+    State(s): State<Arc<AppState>>,
+    Local(local): Local,
+    caller: Caller,
+) -> impl IntoResponse {
+    let mut list = if local {
+        s.envs.list()
     } else {
-        Json(s.cluster.all_envs().await)
+        s.cluster.all_envs().await
+    };
+    // A tester sees their own.
+    if !caller.sees_all() {
+        list.retain(|r| caller.may_use(&r.owner));
     }
+    Json(list)
 }
 
 #[utoipa::path(
@@ -734,14 +764,20 @@ async fn list_envs(State(s): State<Arc<AppState>>, Local(local): Local) -> impl 
 async fn get_env(
     State(s): State<Arc<AppState>>,
     Local(local): Local,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     if let Some(rec) = s.envs.get(&id) {
+        check_owner(&caller, &rec.owner, Act::Use)?;
         return Ok(Json(rec).into_response());
     }
     if !local {
         if let Some(f) = s.cluster.forward_env(hyper::Method::GET, &id).await {
-            return Ok(passthrough(f?));
+            let f = f?;
+            if !caller.sees_all() && f.status == StatusCode::OK {
+                check_owner(&caller, &forwarded_owner(&f)?, Act::Use)?;
+            }
+            return Ok(passthrough(f));
         }
     } else if let Some(rec) = s.cluster.remembered_lost(&id) {
         // A peer asking everyone: this node placed it on a node now down.
@@ -770,12 +806,20 @@ async fn get_env(
 async fn delete_env(
     State(s): State<Arc<AppState>>,
     Local(local): Local,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if s.envs.get(&id).is_none() && !local {
-        if let Some(f) = s.cluster.forward_env(hyper::Method::DELETE, &id).await {
-            return Ok(passthrough(f?));
+    match s.envs.get(&id) {
+        Some(rec) => check_owner(&caller, &rec.owner, Act::Return)?,
+        None if !local => {
+            if let Err(answer) = check_remote(&s, &caller, &id, Act::Return).await? {
+                return Ok(answer);
+            }
+            if let Some(f) = s.cluster.forward_env(hyper::Method::DELETE, &id).await {
+                return Ok(passthrough(f?));
+            }
         }
+        None => {}
     }
     let rec = s.envs.delete(&id).await?;
     Ok(Json(rec).into_response())
@@ -800,11 +844,17 @@ async fn delete_env(
 async fn extend_env(
     State(s): State<Arc<AppState>>,
     Local(local): Local,
+    caller: Caller,
     Path(id): Path<String>,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(req).await?;
-    if s.envs.get(&id).is_none() && !local {
+    if let Some(rec) = s.envs.get(&id) {
+        check_owner(&caller, &rec.owner, Act::Use)?;
+    } else if !local {
+        if let Err(answer) = check_remote(&s, &caller, &id, Act::Use).await? {
+            return Ok(answer);
+        }
         if let Some(f) = s
             .cluster
             .forward_env_call(hyper::Method::POST, &id, "/extend", Some(body.to_vec()))
@@ -816,12 +866,160 @@ async fn extend_env(
     extend_local(&s.envs, &id, &body)
 }
 
+/// What a caller wants to do with an environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// See it, follow it, extend it.
+    Use,
+    /// Return (delete) it.
+    Return,
+}
+
+/// 403 unless `caller` may `act` on an environment of `owner`.
+pub fn check_owner(caller: &Caller, owner: &str, act: Act) -> Result<(), ApiError> {
+    let ok = match act {
+        Act::Use => caller.may_use(owner),
+        Act::Return => caller.may_return(owner),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(authn::denied(crate::auth::Denied::NotYours))
+    }
+}
+
+/// The owner in a forwarded answer's record.
+fn forwarded_owner(f: &Forwarded) -> Result<String, ApiError> {
+    serde_json::from_slice::<EnvRecord>(&f.body)
+        .map(|r| r.owner)
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "the owning node's answer was not an environment",
+            )
+        })
+}
+
+/// For a caller who does not see every environment, before a call on an
+/// environment of another node is forwarded: its record, read from its
+/// owner (a signed GET; an environment's owner never changes), must be
+/// the caller's. `Ok(Err(answer))`: answer that instead (403, or the
+/// owner's 404 / error). `Ok(Ok(()))`: go on.
+pub async fn check_remote(
+    s: &AppState,
+    caller: &Caller,
+    id: &str,
+    act: Act,
+) -> Result<Result<(), Response>, ApiError> {
+    if caller.sees_all() {
+        return Ok(Ok(()));
+    }
+    match s.cluster.forward_env(hyper::Method::GET, id).await {
+        None => Ok(Ok(())),
+        Some(f) => {
+            let f = f?;
+            if f.status != StatusCode::OK {
+                return Ok(Err(passthrough(f)));
+            }
+            check_owner(caller, &forwarded_owner(&f)?, act)?;
+            Ok(Ok(()))
+        }
+    }
+}
+
 /// Extends an environment of this node by the request's `by`.
 pub fn extend_local(envs: &Envs, id: &str, body: &[u8]) -> Result<Response, ApiError> {
     let req: crate::model::ExtendRequest = parse_body(body)?;
     let by = crate::units::parse_duration(&req.by)
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "by", e.to_string()))?;
     Ok(Json(envs.extend(id, by)?).into_response())
+}
+
+/// `POST /v1/tokens` (operators): issues a token with this node's key.
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    request_body = TokenRequest,
+    responses(
+        (status = 201, description = "the token (shown once) and its id", body = TokenIssued),
+        (status = 400, description = "malformed request; `field` names what is wrong", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or refused: no room, draining, node unreachable", body = ErrorBody),
+    )
+)]
+async fn issue_token(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(req).await?;
+    let req: TokenRequest = parse_body(&body)?;
+    let ttl = match &req.ttl {
+        None => crate::auth::DEFAULT_TTL,
+        Some(t) => crate::units::parse_duration(t)
+            .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "ttl", e.to_string()))?,
+    };
+    let (token, claims) = s.auth.issue(&req.user, req.role, ttl).map_err(|e| {
+        let field = match e {
+            crate::auth::TokenError::BadTtl => "ttl",
+            _ => "user",
+        };
+        ApiError::field(StatusCode::BAD_REQUEST, field, e.to_string())
+    })?;
+    info!(by = caller.user(), user = %claims.sub, role = claims.role.as_str(), token_id = %claims.tid, expires = claims.exp, "token issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenIssued {
+            token,
+            id: claims.tid,
+            user: claims.sub,
+            role: claims.role,
+            expires_at: claims.exp,
+        }),
+    )
+        .into_response())
+}
+
+/// `POST /v1/tokens/revoke` (operators): revokes a token on every node.
+#[utoipa::path(
+    post,
+    path = "/v1/tokens/revoke",
+    request_body = RevokeRequest,
+    responses(
+        (status = 200, description = "revoked here; every node refuses it within a few gossip rounds", body = Revoked),
+        (status = 400, description = "neither a token nor a token id (`field: token`)", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 503, description = "busy (`resource: requests`), timed out (`resource: timeout`), or the revocation list is full (`resource: revocations`)", body = ErrorBody),
+    )
+)]
+async fn revoke_token(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(req).await?;
+    let req: RevokeRequest = parse_body(&body)?;
+    let (id, until) =
+        crate::auth::revocation_of(&req.token, crate::auth::now_secs()).map_err(|_| {
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "token",
+                "not a shoal token nor a token id (16 hex digits)",
+            )
+        })?;
+    if !s.auth.revoke(&id, until) {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the revocation list is full ({} unexpired ids)",
+                crate::auth::MAX_REVOKED
+            ),
+        );
+        e.body.resource = Some("revocations".into());
+        return Err(e);
+    }
+    info!(by = caller.user(), token_id = %id, until, "token revoked");
+    Ok(Json(Revoked { id, until }).into_response())
 }
 
 #[utoipa::path(
@@ -883,7 +1081,7 @@ async fn placement(
     State(s): State<Arc<AppState>>,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let (_, req, manifest, spec) = env_request(&s, req).await?;
+    let (_, req, manifest, spec) = env_request(&s, None, req).await?;
     let preq = crate::placement::PlacementRequest {
         memory: spec.memory,
         aio: spec.aio,

@@ -234,11 +234,32 @@ impl Revocations {
         true
     }
 
-    /// Merges another node's list (a union; expired ids dropped).
-    pub fn merge(&mut self, other: &Revocations, now: u64) {
+    /// Merges another node's list (a union; expired ids dropped); true
+    /// when an id was new here.
+    pub fn merge(&mut self, other: &Revocations, now: u64) -> bool {
+        let mut new = false;
         for (tid, exp) in &other.ids {
-            self.insert(tid, *exp, now);
+            if *exp > now && !self.ids.contains_key(tid) {
+                new |= self.insert(tid, *exp, now);
+            } else {
+                self.insert(tid, *exp, now);
+            }
         }
+        new
+    }
+
+    /// A list of `(id, expiry)` pairs (from gossip), ids checked.
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, u64)>,
+        now: u64,
+    ) -> Revocations {
+        let mut r = Revocations::default();
+        for (tid, exp) in pairs {
+            if valid_tid(tid) {
+                r.insert(tid, exp, now);
+            }
+        }
+        r
     }
 
     /// Drops the ids whose tokens have expired anyway.
@@ -360,6 +381,9 @@ pub struct Authority {
     pub open_read: bool,
     /// The web page's trusted sign-in header (`--trusted-user-header`).
     pub trusted: Option<TrustedProxy>,
+    /// Woken when this node revokes a token (the revocation worker then
+    /// writes the file and gossips at once).
+    pub revoked_here: tokio::sync::Notify,
 }
 
 /// Seconds since the epoch, now.
@@ -377,6 +401,7 @@ impl Authority {
             revoked: parking_lot::Mutex::new(Revocations::default()),
             open_read,
             trusted,
+            revoked_here: tokio::sync::Notify::new(),
         }
     }
 
@@ -409,12 +434,15 @@ impl Authority {
 
     /// Revokes a token id until `exp`; false when the list is full.
     pub fn revoke(&self, tid: &str, exp: u64) -> bool {
-        self.revoked.lock().insert(tid, exp, now_secs())
+        let ok = self.revoked.lock().insert(tid, exp, now_secs());
+        self.revoked_here.notify_one();
+        ok
     }
 
-    /// Merges revocations heard from another node.
-    pub fn merge_revocations(&self, other: &Revocations) {
-        self.revoked.lock().merge(other, now_secs());
+    /// Merges revocations heard from another node (or read from the
+    /// file); true when any was new here.
+    pub fn merge_revocations(&self, other: &Revocations) -> bool {
+        self.revoked.lock().merge(other, now_secs())
     }
 
     /// A copy of the revoked ids (to gossip or persist).
@@ -422,6 +450,152 @@ impl Authority {
         let mut r = self.revoked.lock();
         r.prune(now_secs());
         r.clone()
+    }
+}
+
+/// What a route needs from its caller (pure; the table is [`need`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing: `/healthz`, the OpenAPI document, and every path outside
+    /// `/v1/` (the web page, which signs in on its own).
+    Open,
+    /// A token of any role, or none with `open_read`: the catalog.
+    Read,
+    /// An operator's token, or any caller with `open_read`: the cluster
+    /// view (`/v1/cluster`, `/v1/node`).
+    ClusterRead,
+    /// A token of any role; the handler checks whose object it is.
+    User,
+    /// An operator's token.
+    Operator,
+}
+
+/// Who may call `method path` (before any handler runs). Unknown `/v1/`
+/// paths need a token (they answer 404 after it).
+pub fn need(method: &str, path: &str) -> Need {
+    let Some(rest) = path.strip_prefix("/v1/") else {
+        return Need::Open;
+    };
+    let first = rest.split('/').next().unwrap_or("");
+    let get = method == "GET" || method == "HEAD";
+    match first {
+        "openapi.json" if rest == "openapi.json" => Need::Open,
+        "images" if get => Need::Read,
+        "cluster" | "node" if get => Need::ClusterRead,
+        "environments" => Need::User,
+        _ => Need::Operator,
+    }
+}
+
+/// A token id: 16 lowercase hex digits.
+pub fn valid_tid(s: &str) -> bool {
+    s.len() == 16
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The claims of a token, read without checking its MAC: only to name what
+/// to revoke (revoking a forged token's id does no harm).
+pub fn peek_claims(token: &str) -> Option<Claims> {
+    if token.len() > MAX_TOKEN_LEN {
+        return None;
+    }
+    let body = token.strip_prefix(TOKEN_PREFIX)?.split('.').next()?;
+    let claims: Claims = serde_json::from_slice(&B64.decode(body).ok()?).ok()?;
+    valid_tid(&claims.tid).then_some(claims)
+}
+
+/// What `shoal token revoke X` and `POST /v1/tokens/revoke` revoke: a
+/// whole token (its id until its expiry) or a bare id (until the longest
+/// lifetime a token can have, from `now`).
+pub fn revocation_of(token_or_id: &str, now: u64) -> Result<(String, u64), TokenError> {
+    let t = token_or_id.trim();
+    if valid_tid(t) {
+        return Ok((t.to_string(), now.saturating_add(MAX_TTL.as_secs())));
+    }
+    let c = peek_claims(t).ok_or(TokenError::Malformed)?;
+    Ok((c.tid, c.exp))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RevokedFileError {
+    #[error("cannot read or write the revocation list {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the revocation list {path} is not valid: {message}")]
+    Parse {
+        path: std::path::PathBuf,
+        message: String,
+    },
+}
+
+/// The file a node keeps its revocations in: `<data_dir>/revoked.json`.
+pub fn revoked_file(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("revoked.json")
+}
+
+/// On disk: `{"ids": {"<token id>": <expiry>, ...}}`.
+impl Revocations {
+    /// Reads a revocation file; a missing file is an empty list. Ids that
+    /// are not token ids are dropped.
+    pub fn load(path: &std::path::Path) -> Result<Revocations, RevokedFileError> {
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Revocations::default()),
+            Err(source) => {
+                return Err(RevokedFileError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let mut r: Revocations =
+            serde_json::from_slice(&text).map_err(|e| RevokedFileError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        r.ids.retain(|k, _| valid_tid(k));
+        while r.ids.len() > MAX_REVOKED {
+            r.ids.pop_last();
+        }
+        Ok(r)
+    }
+
+    /// Merges this list into the file at `path` under an exclusive lock
+    /// (`<path>.lock`) and writes the union atomically (temporary file,
+    /// fsync, rename): a node and `shoal token revoke` never lose each
+    /// other's additions. Returns the union as written.
+    pub fn save_merged(
+        &self,
+        path: &std::path::Path,
+        now: u64,
+    ) -> Result<Revocations, RevokedFileError> {
+        use std::io::Write as _;
+        let io = |source| RevokedFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let lock_path = path.with_extension("json.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io)?;
+        let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| io(std::io::Error::from(e)))?;
+        let mut all = Revocations::load(path).unwrap_or_default();
+        all.merge(self, now);
+        all.prune(now);
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&serde_json::to_vec(&all).expect("map serializes"))
+            .map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        Ok(all)
     }
 }
 
@@ -607,6 +781,92 @@ mod tests {
         // Once they expire there is room again.
         assert!(full.insert("late", NOW + 100, NOW + 20));
         assert_eq!(full.len(), 1);
+    }
+
+    #[test]
+    fn what_each_route_needs() {
+        use Need::*;
+        let cases = [
+            ("GET", "/healthz", Open),
+            ("GET", "/v1/openapi.json", Open),
+            ("GET", "/", Open),
+            ("POST", "/envs", Open),
+            ("GET", "/assets/shoal.js", Open),
+            ("GET", "/v1/images", Read),
+            ("HEAD", "/v1/images", Read),
+            ("GET", "/v1/images/demo:1", Read),
+            ("POST", "/v1/images", Operator),
+            ("GET", "/v1/cluster", ClusterRead),
+            ("GET", "/v1/node", ClusterRead),
+            ("POST", "/v1/node", Operator),
+            ("GET", "/v1/environments", User),
+            ("POST", "/v1/environments", User),
+            ("GET", "/v1/environments/e1", User),
+            ("DELETE", "/v1/environments/e1", User),
+            ("POST", "/v1/environments/e1/extend", User),
+            ("GET", "/v1/environments/e1/events", User),
+            ("GET", "/v1/workers", Operator),
+            ("POST", "/v1/placement", Operator),
+            ("GET", "/v1/builds", Operator),
+            ("GET", "/v1/builds/erp/1/log", Operator),
+            ("POST", "/v1/tokens", Operator),
+            ("POST", "/v1/tokens/revoke", Operator),
+            ("GET", "/v1/openapi.json/x", Operator),
+            ("GET", "/v1/nothing", Operator),
+            ("GET", "/v1/", Operator),
+        ];
+        for (m, p, want) in cases {
+            assert_eq!(need(m, p), want, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn what_a_revocation_names() {
+        let k = ring(1);
+        let (t, c) = issue(&k, "a@b", Role::Tester, Duration::from_secs(60), NOW).unwrap();
+        assert_eq!(revocation_of(&t, NOW), Ok((c.tid.clone(), c.exp)));
+        // Another key's token still names its id (revoking it harms no one).
+        let (t2, c2) = issue(&ring(2), "a@b", Role::Tester, DEFAULT_TTL, NOW).unwrap();
+        assert_eq!(revocation_of(&t2, NOW).unwrap().0, c2.tid);
+        assert_eq!(
+            revocation_of(&c.tid, NOW),
+            Ok((c.tid.clone(), NOW + MAX_TTL.as_secs()))
+        );
+        for bad in [
+            "",
+            "0123",
+            "0123456789ABCDEF",
+            "shoal1.x.y",
+            &"a".repeat(3000),
+        ] {
+            assert_eq!(
+                revocation_of(bad, NOW),
+                Err(TokenError::Malformed),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_revocation_file_merges_and_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = revoked_file(dir.path());
+        assert!(Revocations::load(&path).unwrap().is_empty());
+        let mut a = Revocations::default();
+        a.insert("00000000000000aa", NOW + 100, NOW);
+        a.save_merged(&path, NOW).unwrap();
+        let mut b = Revocations::default();
+        b.insert("00000000000000bb", NOW + 100, NOW);
+        b.insert("00000000000000cc", NOW + 1, NOW);
+        // Another writer's additions stay; expired ones go.
+        let all = b.save_merged(&path, NOW + 5).unwrap();
+        assert_eq!(all, Revocations::load(&path).unwrap());
+        assert_eq!(
+            all.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            vec!["00000000000000aa", "00000000000000bb"]
+        );
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(Revocations::load(&path).is_err());
     }
 
     #[test]

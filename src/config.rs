@@ -152,6 +152,11 @@ pub struct Config {
     /// Addresses of the reverse proxies `trusted_user_header` is believed
     /// from (IP addresses, no ports). Required with the header.
     pub trusted_proxies: Option<Vec<IpAddr>>,
+    /// Reads of the catalog (`GET /v1/images*`) and of the cluster view
+    /// (`GET /v1/cluster`, `GET /v1/node`) without a token (the cluster
+    /// view is otherwise the operators'). Default false: every `/v1/` route
+    /// but the OpenAPI document needs a token.
+    pub open_read: Option<bool>,
 }
 
 impl Config {
@@ -205,6 +210,7 @@ impl Config {
             build_timeout,
             prune_grace,
             image_gc_interval,
+            open_read,
             default_ttl,
             max_ttl,
             expiry_warning,
@@ -388,6 +394,7 @@ impl Config {
             mail_from,
             public_url,
             trusted_proxy,
+            open_read: self.open_read.unwrap_or(false),
         })
     }
 
@@ -622,6 +629,8 @@ pub struct Settings {
     pub public_url: Option<String>,
     /// The web page's trusted sign-in header (lowercase) and its proxies.
     pub trusted_proxy: Option<crate::auth::TrustedProxy>,
+    /// Catalog and cluster reads without a token (`open_read`).
+    pub open_read: bool,
 }
 
 #[cfg(test)]

@@ -128,9 +128,11 @@ pub async fn run(
     let keyring = load_keyring(&settings)?;
     let authority = Arc::new(crate::auth::Authority::new(
         token_keyring(&settings, keyring.as_ref())?,
-        false,
+        settings.open_read,
         settings.trusted_proxy.clone(),
     ));
+    let revoked_file = crate::auth::revoked_file(&settings.data_dir);
+    crate::revocations::load_at_start(&authority, &revoked_file);
     // A store that never existed is created; one this node knew and that
     // is gone is refused until it is back (`store-watch` below). Either
     // way the node starts and serves what does not need the store.
@@ -170,6 +172,14 @@ pub async fn run(
     workers.adopt("store-watch", tokio::spawn(store_watch));
     workers.adopt("gossip-publisher", cluster.spawn_publisher());
     workers.adopt("stall-watch", cluster.spawn_stall_watch());
+    workers.adopt(
+        "revocations",
+        tokio::spawn(crate::revocations::run(
+            authority.clone(),
+            cluster.clone(),
+            revoked_file,
+        )),
+    );
     if let Some(watch) = cluster.spawn_gossip_watch().await {
         workers.adopt_fallible("gossip-server", watch);
     }

@@ -26,6 +26,7 @@ pub mod openapi;
 pub mod peer_auth;
 pub mod placement;
 pub mod reaper;
+pub mod revocations;
 pub mod routing;
 pub mod store;
 pub mod transfer;

@@ -30,6 +30,10 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     node: String,
+    /// The user token client subcommands send (`Authorization: Bearer`;
+    /// `shoal token issue`).
+    #[arg(long, global = true, env = "SHOAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -55,9 +59,10 @@ enum Cmd {
     Create {
         /// `name:build`.
         image: String,
-        /// Who it is for (an email address).
+        /// Who it is for (an email address). Default: the token's user;
+        /// only operators may name someone else.
         #[arg(long)]
-        owner: String,
+        owner: Option<String>,
         /// Memory, e.g. `32GiB` (at least what the image states).
         #[arg(long)]
         memory: Option<String>,
@@ -129,6 +134,64 @@ enum Cmd {
     /// Cluster keys (local; talks to no node).
     #[command(subcommand)]
     Key(KeyCmd),
+    /// User tokens: issue (local, with the cluster key) and revoke.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+/// Where the cluster key is: `--data-dir DIR` (`DIR/cluster.key`, what a
+/// node without `cluster_key` uses) or `--cluster-key FILE`.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct KeySource {
+    /// A node's data directory: its `cluster.key` (and, for revoke, its
+    /// `revoked.json`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The cluster key file.
+    #[arg(long)]
+    cluster_key: Option<PathBuf>,
+}
+
+impl KeySource {
+    fn keyring(&self) -> Result<shoal::keyring::Keyring> {
+        let path = match (&self.data_dir, &self.cluster_key) {
+            (Some(d), _) => d.join("cluster.key"),
+            (_, Some(k)) => k.clone(),
+            _ => bail!("give --data-dir or --cluster-key"),
+        };
+        shoal::keyring::Keyring::load(&path)
+            .with_context(|| format!("reading the cluster key {}", path.display()))
+    }
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Issue a token: the token on the last line of stdout, its id and
+    /// expiry on stderr. Any node with the same cluster key accepts it.
+    Issue {
+        #[command(flatten)]
+        key: KeySource,
+        /// Who it is for (a mail address).
+        #[arg(long)]
+        user: String,
+        /// tester or operator.
+        #[arg(long)]
+        role: String,
+        /// Lifetime, e.g. `90d`, `8h` (at most 5 years).
+        #[arg(long, default_value = "90d")]
+        ttl: String,
+    },
+    /// Revoke a token (the token or its id) on every node. With
+    /// `--data-dir`: written to that node's `revoked.json` (the node reads
+    /// it within a second and gossips it). With `--cluster-key`: sent to
+    /// the node at `--node` (`POST /v1/tokens/revoke`).
+    Revoke {
+        #[command(flatten)]
+        key: KeySource,
+        /// The token, or its 16-hex-digit id.
+        token_or_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -266,6 +329,10 @@ struct DaemonArgs {
     /// repeatable.
     #[arg(long = "trusted-proxy")]
     trusted_proxies: Vec<IpAddr>,
+    /// Catalog and cluster reads (`GET /v1/images*`, `/v1/cluster`,
+    /// `/v1/node`) without a token.
+    #[arg(long)]
+    open_read: bool,
 }
 
 impl DaemonArgs {
@@ -317,6 +384,7 @@ impl DaemonArgs {
             trusted_user_header: self.trusted_user_header.clone(),
             trusted_proxies: (!self.trusted_proxies.is_empty())
                 .then(|| self.trusted_proxies.clone()),
+            open_read: self.open_read.then_some(true),
         })
     }
 }
@@ -349,7 +417,8 @@ fn main() -> Result<()> {
                 print!("{}", shoal::keyring::Keyring::generate_line());
                 Ok(())
             }
-            cmd => client_cmd(&cli.node, cmd).await,
+            Cmd::Token(t) => token_cmd(&cli.node, t).await,
+            cmd => client_cmd(&cli.node, cli.token.as_deref(), cmd).await,
         }
     })
 }
@@ -390,10 +459,79 @@ async fn daemon(args: DaemonArgs) -> Result<()> {
     Ok(())
 }
 
-async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
-    let client = Client::new(node, Duration::from_secs(600))?;
+fn fmt_unix(secs: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .map(fmt_time)
+        .unwrap_or_else(|_| secs.to_string())
+}
+
+async fn token_cmd(node: &str, cmd: TokenCmd) -> Result<()> {
     match cmd {
-        Cmd::Daemon(_) | Cmd::Key(_) => unreachable!("handled in main"),
+        TokenCmd::Issue {
+            key,
+            user,
+            role,
+            ttl,
+        } => {
+            let keyring = key.keyring()?;
+            let role: shoal::auth::Role = role.parse()?;
+            let ttl = shoal::units::parse_duration(&ttl).context("--ttl")?;
+            let (token, claims) =
+                shoal::auth::issue(&keyring, &user, role, ttl, shoal::auth::now_secs())?;
+            eprintln!(
+                "token {} for {} ({}), expires {}",
+                claims.tid,
+                claims.sub,
+                claims.role.as_str(),
+                fmt_unix(claims.exp)
+            );
+            println!("{token}");
+        }
+        TokenCmd::Revoke { key, token_or_id } => {
+            let now = shoal::auth::now_secs();
+            let (id, until) = shoal::auth::revocation_of(&token_or_id, now)
+                .context("not a shoal token nor a token id (16 hex digits)")?;
+            if let Some(dir) = &key.data_dir {
+                let mut r = shoal::auth::Revocations::default();
+                anyhow::ensure!(r.insert(&id, until, now), "the revocation list is full");
+                r.save_merged(&shoal::auth::revoked_file(dir), now)?;
+                eprintln!(
+                    "revoked {id} in {} (the node reads it within a second)",
+                    dir.display()
+                );
+            } else {
+                // A short operator token of our own, for this one call.
+                let keyring = key.keyring()?;
+                let (token, _) = shoal::auth::issue(
+                    &keyring,
+                    "shoal-token-revoke",
+                    shoal::auth::Role::Operator,
+                    Duration::from_secs(60),
+                    now,
+                )?;
+                let client = Client::new(node, Duration::from_secs(30))?
+                    .with_header("authorization", &format!("Bearer {token}"));
+                let r: shoal::model::Revoked = client
+                    .post("/v1/tokens/revoke", &json!({"token": token_or_id}))
+                    .await?;
+                eprintln!(
+                    "revoked {} on {node} (every node refuses it within a few seconds)",
+                    r.id
+                );
+            }
+            println!("{id}");
+        }
+    }
+    Ok(())
+}
+
+async fn client_cmd(node: &str, token: Option<&str>, cmd: Cmd) -> Result<()> {
+    let mut client = Client::new(node, Duration::from_secs(600))?;
+    if let Some(t) = token {
+        client = client.with_header("authorization", &format!("Bearer {}", t.trim()));
+    }
+    match cmd {
+        Cmd::Daemon(_) | Cmd::Key(_) | Cmd::Token(_) => unreachable!("handled in main"),
         Cmd::Publish { source, image_ref } => {
             let img: ImageInfo = client
                 .post("/v1/images", &json!({"source": source, "ref": image_ref}))
@@ -447,7 +585,10 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
             env,
             wait,
         } => {
-            let mut body = json!({"image": image, "owner": owner});
+            let mut body = json!({"image": image});
+            if let Some(o) = owner {
+                body["owner"] = json!(o);
+            }
             if let Some(m) = memory {
                 body["memory"] = json!(m);
             }
@@ -521,7 +662,10 @@ async fn client_cmd(node: &str, cmd: Cmd) -> Result<()> {
             println!("{} expires {when}", rec.id);
         }
         Cmd::Events { id } => {
-            let streaming = Client::new(node, Duration::from_secs(30))?;
+            let mut streaming = Client::new(node, Duration::from_secs(30))?;
+            if let Some(t) = token {
+                streaming = streaming.with_header("authorization", &format!("Bearer {}", t.trim()));
+            }
             let mut pending = String::new();
             streaming
                 .stream(&format!("/v1/environments/{id}/events"), |chunk| {

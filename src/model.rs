@@ -130,6 +130,9 @@ pub struct EnvRecord {
 #[serde(deny_unknown_fields)]
 pub struct EnvRequest {
     pub image: String,
+    /// Who the environment is for. Default: the token's user; a tester may
+    /// name only themselves, an operator anyone.
+    #[serde(default)]
     pub owner: String,
     /// Bytes (a number) or a size string (`"512MiB"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -162,6 +165,46 @@ pub enum MemoryValue {
 #[serde(deny_unknown_fields)]
 pub struct ExtendRequest {
     pub by: String,
+}
+
+/// `POST /v1/tokens` (operators): a token for `user` with `role`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub user: String,
+    pub role: crate::auth::Role,
+    /// Lifetime (`"90d"`, at most 5 years). Default 90 days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// A token just issued. The token text is shown once; revocation names
+/// its `id`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenIssued {
+    pub token: String,
+    pub id: String,
+    pub user: String,
+    pub role: crate::auth::Role,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+/// `POST /v1/tokens/revoke` (operators): a whole token, or its id.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// The token text or its 16-hex-digit id.
+    pub token: String,
+}
+
+/// A revocation: refused on every node from a few gossip rounds on, until
+/// the token would have expired anyway.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Revoked {
+    pub id: String,
+    /// Unix seconds: until when the id is kept.
+    pub until: u64,
 }
 
 /// Upper bounds on what a request may ask for, checked before any

@@ -39,6 +39,8 @@ use crate::store::Requirements;
         crate::api::placement,
         crate::api::list_builds,
         crate::api::build_log,
+        crate::api::issue_token,
+        crate::api::revoke_token,
     ),
     components(schemas(
         Endpoint,
@@ -54,6 +56,11 @@ use crate::store::Requirements;
         NodeReason,
         PublishRequest,
         Requirements,
+        crate::auth::Role,
+        crate::model::TokenRequest,
+        crate::model::TokenIssued,
+        crate::model::RevokeRequest,
+        crate::model::Revoked,
     ))
 )]
 pub struct ApiDoc;
@@ -64,8 +71,66 @@ pub fn document() -> &'static utoipa::openapi::OpenApi {
     DOC.get_or_init(|| {
         let mut doc = ApiDoc::openapi();
         doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+        add_token_answers(&mut doc);
         doc
     })
+}
+
+/// Every route [`crate::auth::need`] does not leave open takes
+/// `Authorization: Bearer` (the `bearer` scheme) and may answer 401 (no
+/// valid token) and 403 (the role or the owner does not allow it): added
+/// here from the same table the gate uses, not repeated on each handler.
+fn add_token_answers(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let error = |what: &str| {
+        ResponseBuilder::new()
+            .description(what)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+    };
+    let unauthorized = error(
+        "no valid token (missing, malformed, another key, expired or revoked): `field: authorization`, `WWW-Authenticate: Bearer`",
+    );
+    let forbidden = error(
+        "the token's role or user may not do this (an operator route, another owner's environment: `field` names what)",
+    );
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let ops = [
+            ("GET", &mut item.get),
+            ("POST", &mut item.post),
+            ("PUT", &mut item.put),
+            ("DELETE", &mut item.delete),
+            ("PATCH", &mut item.patch),
+        ];
+        for (method, op) in ops {
+            let Some(op) = op.as_mut() else { continue };
+            if crate::auth::need(method, path) == crate::auth::Need::Open {
+                continue;
+            }
+            let r = &mut op.responses.responses;
+            r.entry("401".into())
+                .or_insert_with(|| unauthorized.clone().into());
+            r.entry("403".into())
+                .or_insert_with(|| forbidden.clone().into());
+            op.security
+                .get_or_insert_with(Vec::new)
+                .push(SecurityRequirement::new("bearer", Vec::<String>::new()));
+        }
+    }
+    if let Some(c) = doc.components.as_mut() {
+        c.security_schemes.insert(
+            "bearer".into(),
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
 }
 
 /// The document as JSON text.

@@ -49,8 +49,8 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use serde::Serialize;
 
 use crate::archive::{held_prefix_short, Digest};
-use crate::cluster::keys::LAYER_PREFIX_LEN;
 use crate::cluster::keys::StoreState;
+use crate::cluster::keys::LAYER_PREFIX_LEN;
 use crate::cluster::{NodeView, Role};
 use crate::store::Manifest;
 pub use reason::Reason;

@@ -21,7 +21,7 @@
 //! called only at an `http` address that passed the gossip checks
 //! ([`NodeView::http_addr`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -212,6 +212,9 @@ pub struct Cluster {
     /// Creates this node forwarded that gossip may not show yet
     /// ([`Placements`]). A std mutex: held only to look up or record.
     placed: Mutex<Placements>,
+    /// The revoked token ids this node gossips (`auth.rs`), set by the
+    /// revocation worker.
+    revoked: Mutex<BTreeMap<String, u64>>,
 }
 
 /// Why a request could not be routed or served.
@@ -276,6 +279,7 @@ impl Cluster {
             insecure: settings.insecure_gossip,
             seal_stats: Arc::default(),
             placed: Mutex::new(Placements::default()),
+            revoked: Mutex::default(),
         };
         me.refresh_layers().await;
         let gossip =
@@ -377,7 +381,32 @@ impl Cluster {
             load_bps: self.envs.last_load_bps(),
             layers: self.layers.lock().clone(),
             envs,
+            revoked: self.revoked.lock().clone(),
         }
+    }
+
+    /// The revoked token ids to gossip from now on.
+    pub fn set_revoked(&self, revoked: &crate::auth::Revocations) {
+        *self.revoked.lock() = revoked.iter().map(|(k, v)| (k.to_string(), v)).collect();
+    }
+
+    /// Every revocation the cluster's nodes gossip (alive or not).
+    pub fn gossiped_revocations(&self) -> crate::auth::Revocations {
+        let view = self.view();
+        let now = crate::auth::now_secs();
+        let mut all = crate::auth::Revocations::default();
+        for n in &view.nodes {
+            if let Some(f) = &n.facts {
+                all.merge(
+                    &crate::auth::Revocations::from_pairs(
+                        f.revoked.iter().map(|(k, v)| (k.as_str(), *v)),
+                        now,
+                    ),
+                    now,
+                );
+            }
+        }
+        all
     }
 
     /// Re-reads the layers the engine holds. Skipped while the engine is

@@ -646,6 +646,7 @@ async fn dropped_build_becomes_an_environment_that_answers() -> Result<()> {
     // The CLI table shows it.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
         .args(["--node", &rig.node.url, "builds"])
+        .env("SHOAL_TOKEN", rig.node.token.as_deref().unwrap_or_default())
         .output()?;
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{table}");

@@ -82,7 +82,11 @@ impl Drop for ContOnDrop {
 }
 
 fn quick(h: &Host) -> Result<Client> {
-    Ok(Client::new(&h.api, RESPONSIVE)?)
+    let c = Client::new(&h.api, RESPONSIVE)?;
+    Ok(match &h.token {
+        Some(t) => common::bearer(c, t),
+        None => c,
+    })
 }
 
 /// `GET path` with the short timeout: (status, JSON body).

@@ -119,6 +119,12 @@ async fn schemathesis_finds_nothing_and_the_node_keeps_serving() -> Result<()> {
         dir, node, name, ..
     } = solo("hs", &[]).await?;
     let seed = std::env::var("SHOAL_SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());
+    // An operator's token: every route is reached past the token gate (its
+    // 401 and 403 are documented too).
+    let auth = format!(
+        "Authorization: Bearer {}",
+        node.token.as_deref().expect("the node has a key file")
+    );
     let out = tokio::process::Command::new(st)
         .current_dir(dir.path())
         .args([
@@ -141,6 +147,8 @@ async fn schemathesis_finds_nothing_and_the_node_keeps_serving() -> Result<()> {
             "--request-timeout",
             "20",
             "--no-color",
+            "--header",
+            &auth,
         ])
         .kill_on_drop(true)
         .output()

@@ -39,6 +39,7 @@ const CONFIG_KEYS: &[&str] = &[
     "seeds",
     "roles",
     "labels",
+    "open_read",
 ];
 
 fn repo(path: &str) -> PathBuf {
@@ -177,6 +178,11 @@ fn cloud_config_shoal_toml_uses_only_known_keys() {
     assert_eq!(s("store"), "/mnt/shoal-store");
     assert_eq!(s("data_dir"), "/var/lib/shoal");
     assert_eq!(s("cluster_key"), "/etc/shoal/cluster.key");
+    assert_eq!(
+        table["open_read"].as_bool(),
+        Some(false),
+        "production nodes need a token for every read"
+    );
     assert_eq!(
         cc["write_files"]
             .as_sequence()

@@ -506,7 +506,11 @@ async fn outbox_survives_a_restart_while_the_mail_server_is_down() -> Result<()>
 }
 
 /// `curl -N URL`: the lines of the stream, read as they come.
-fn curl_stream(url: &str) -> Result<(std::process::Child, std::sync::mpsc::Receiver<String>)> {
+fn curl_stream(
+    url: &str,
+    token: Option<&str>,
+) -> Result<(std::process::Child, std::sync::mpsc::Receiver<String>)> {
+    let auth = format!("Authorization: Bearer {}", token.unwrap_or_default());
     let mut child = Command::new("curl")
         .args([
             "-sN",
@@ -514,6 +518,8 @@ fn curl_stream(url: &str) -> Result<(std::process::Child, std::sync::mpsc::Recei
             "120",
             "-H",
             "Accept: text/event-stream",
+            "-H",
+            &auth,
             "-D",
             "-",
             url,
@@ -618,10 +624,16 @@ async fn event_stream_from_the_owner_and_from_another_node() -> Result<()> {
     let id = body["id"].as_str().unwrap().to_string();
 
     // The owner's stream, and A's relay of it, both read with curl -N.
-    let (mut c_b, rx_b) = curl_stream(&format!("{}/v1/environments/{id}/events", b.url))?;
+    let (mut c_b, rx_b) = curl_stream(
+        &format!("{}/v1/environments/{id}/events", b.url),
+        b.token.as_deref(),
+    )?;
     // At once (A may not see it in gossip yet: it asks the other nodes),
     // and again once gossip shows where it is.
-    let (mut c_a0, rx_a0) = curl_stream(&format!("{}/v1/environments/{id}/events", a.url))?;
+    let (mut c_a0, rx_a0) = curl_stream(
+        &format!("{}/v1/environments/{id}/events", a.url),
+        a.token.as_deref(),
+    )?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let v: Value = a.client.get("/v1/cluster").await?;
@@ -638,7 +650,10 @@ async fn event_stream_from_the_owner_and_from_another_node() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (mut c_a, rx_a) = curl_stream(&format!("{}/v1/environments/{id}/events", a.url))?;
+    let (mut c_a, rx_a) = curl_stream(
+        &format!("{}/v1/environments/{id}/events", a.url),
+        a.token.as_deref(),
+    )?;
     let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
     let ready_b = read_until(&rx_b, "ready", &mut seen_b)?;
     let ready_a = read_until(&rx_a, "ready", &mut seen_a)?;

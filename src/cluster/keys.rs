@@ -83,6 +83,11 @@ pub const KEY_LEFT: &str = "left";
 pub const PREFIX_LAYER: &str = "layer:";
 /// Prefix of the one-key-per-environment entries.
 pub const PREFIX_ENV: &str = "env:";
+/// `revoked:<token id>` = the token's expiry (unix seconds): a user token
+/// this node knows revoked (`auth.rs`). Every node gossips every
+/// revocation it holds (at most [`crate::auth::MAX_REVOKED`]), so a node
+/// that was down hears them from any other.
+pub const PREFIX_REVOKED: &str = "revoked:";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
@@ -153,6 +158,9 @@ pub struct NodeFacts {
     /// Chain-id prefixes ([`LAYER_PREFIX_LEN`] lowercase hex) the engine holds.
     pub layers: BTreeSet<String>,
     pub envs: BTreeMap<String, EnvSummary>,
+    /// Revoked user token ids and their expiry (unix seconds).
+    #[serde(default)]
+    pub revoked: BTreeMap<String, u64>,
 }
 
 impl NodeFacts {
@@ -346,6 +354,11 @@ pub fn to_kv(f: &NodeFacts) -> Vec<(String, String)> {
             tracing::warn!(env_id = %id, "environment id is not 1-64 of A-Z a-z 0-9 . _ -, not gossiped");
         }
     }
+    for (tid, exp) in f.revoked.iter().take(crate::auth::MAX_REVOKED) {
+        if crate::auth::valid_tid(tid) {
+            kv.push((format!("{PREFIX_REVOKED}{tid}"), exp.to_string()));
+        }
+    }
     debug_assert!(kv
         .iter()
         .all(|(k, v)| k.is_ascii() && k.len() <= MAX_KEY_LEN && v.len() <= MAX_VALUE_LEN));
@@ -381,6 +394,15 @@ pub fn from_kv<'a>(
         if let Some(prefix) = k.strip_prefix(PREFIX_LAYER) {
             if valid_layer_prefix(prefix) {
                 f.layers.insert(prefix.to_string());
+            }
+            continue;
+        }
+        if let Some(tid) = k.strip_prefix(PREFIX_REVOKED) {
+            // Checked like the publisher checks them; a bad one is skipped.
+            if let (true, Ok(exp)) = (crate::auth::valid_tid(tid), v.parse::<u64>()) {
+                if f.revoked.len() < crate::auth::MAX_REVOKED {
+                    f.revoked.insert(tid.to_string(), exp);
+                }
             }
             continue;
         }
@@ -548,6 +570,7 @@ mod tests {
                 },
             )]
             .into(),
+            revoked: BTreeMap::new(),
         }
     }
     pub(super) fn kv_refs(kv: &[(String, String)]) -> impl Iterator<Item = (&str, &str)> {
@@ -564,6 +587,29 @@ mod tests {
         want.load_bps = Some(123_000_000);
         assert_eq!(back, want);
         assert_eq!(f.normalized(), want);
+    }
+
+    #[test]
+    fn revocations_round_trip_and_forged_ones_are_skipped() {
+        let mut f = sample();
+        f.revoked.insert("0123456789abcdef".into(), 1_900_000_000);
+        f.revoked.insert("not-a-token-id".into(), 1);
+        let kv = to_kv(&f);
+        assert!(kv
+            .iter()
+            .any(|(k, v)| k == "revoked:0123456789abcdef" && v == "1900000000"));
+        let back = from_kv(kv_refs(&kv)).unwrap();
+        assert_eq!(
+            back.revoked.into_iter().collect::<Vec<_>>(),
+            vec![("0123456789abcdef".to_string(), 1_900_000_000)]
+        );
+        let forged = [
+            ("revoked:0123456789ABCDEF", "1"),
+            ("revoked:0123", "1"),
+            ("revoked:0123456789abcdef", "soon"),
+        ];
+        let back = from_kv(kv_refs(&to_kv(&sample())).chain(forged)).unwrap();
+        assert!(back.revoked.is_empty());
     }
 
     #[test]
@@ -822,6 +868,7 @@ mod tests {
                             (id, e)
                         })
                         .collect(),
+                    revoked: BTreeMap::new(),
                 },
             )
     }

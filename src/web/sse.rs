@@ -60,12 +60,18 @@ fn event(rec: &EnvRecord) -> Event {
 pub async fn events(
     State(s): State<Arc<AppState>>,
     Local(local_call): Local,
+    caller: crate::api::Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if s.envs.get(&id).is_some() {
+    use crate::api::{check_owner, check_remote, Act};
+    if let Some(rec) = s.envs.get(&id) {
+        check_owner(&caller, &rec.owner, Act::Use)?;
         return Ok(local(s.envs.clone(), id, s.shutdown.clone()));
     }
     if !local_call {
+        if let Err(answer) = check_remote(&s, &caller, &id, Act::Use).await? {
+            return Ok(answer);
+        }
         if let Some((node, summary)) = s.cluster.owner_of(&id) {
             if !node.alive || node.left {
                 let rec = crate::routing::lost_record(&node.name, &summary);

@@ -46,9 +46,31 @@ pub struct Host {
     /// Signs node-to-node calls with the cluster's key (`<state>/cluster.key`,
     /// made by `scripts/cluster up`), as the harness's own peer.
     pub auth: Option<Arc<PeerAuth>>,
+    /// The operator token `client` sends (`SHOAL_TOKEN=` from `up`).
+    pub token: Option<String>,
+    /// The cluster key file (`<state>/cluster.key`), when `up` made one.
+    pub key: Option<PathBuf>,
 }
 
 impl Host {
+    /// A client of this host without a token.
+    pub fn anonymous(&self) -> Result<Client> {
+        Ok(Client::new(&self.api, Duration::from_secs(30))?)
+    }
+
+    /// A client of this host as `user` with `role` (`tester`,
+    /// `operator`), its token signed with the cluster key.
+    pub fn client_as(&self, user: &str, role: &str) -> Result<Client> {
+        let key = self.key.as_ref().context("the cluster has no key file")?;
+        let t = super::token_with(key, user, role, Duration::from_secs(86400))?;
+        Ok(super::bearer(self.anonymous()?, &t))
+    }
+
+    /// A client of this host as tester `user`.
+    pub fn tester(&self, user: &str) -> Result<Client> {
+        self.client_as(user, "tester")
+    }
+
     /// `c` as a signed node-to-node client of this host (what
     /// `x-shoal-local` needs), when the cluster has the harness's key.
     pub fn peer(&self, c: Client) -> Client {
@@ -494,8 +516,25 @@ impl Plan {
         } else {
             None
         };
-        for line in String::from_utf8(out.stdout)?.lines() {
-            hosts.hosts.push(parse_line(line, auth.clone()).await?);
+        let stdout = String::from_utf8(out.stdout)?;
+        // The last line is `SHOAL_TOKEN=<operator token>`, after the hosts.
+        let token = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("SHOAL_TOKEN="))
+            .next_back()
+            .map(str::to_string);
+        anyhow::ensure!(
+            stdout
+                .lines()
+                .last()
+                .is_some_and(|l| l.starts_with("SHOAL_TOKEN=")),
+            "scripts/cluster up printed no SHOAL_TOKEN= last line"
+        );
+        let key_file = key.exists().then_some(key.clone());
+        for line in stdout.lines().filter(|l| l.starts_with("name=")) {
+            let mut h = parse_line(line, auth.clone(), token.clone()).await?;
+            h.key = key_file.clone();
+            hosts.hosts.push(h);
         }
         anyhow::ensure!(hosts.hosts.len() == n, "expected {n} host lines");
         Ok(hosts)
@@ -542,7 +581,11 @@ impl Drop for Hosts {
 }
 
 /// Parses one `name=… api=… gossip=… docker=… netns=…` line.
-async fn parse_line(line: &str, auth: Option<Arc<PeerAuth>>) -> Result<Host> {
+async fn parse_line(
+    line: &str,
+    auth: Option<Arc<PeerAuth>>,
+    token: Option<String>,
+) -> Result<Host> {
     let kv: HashMap<&str, &str> = line
         .split_whitespace()
         .filter_map(|w| w.split_once('='))
@@ -559,9 +602,15 @@ async fn parse_line(line: &str, auth: Option<Arc<PeerAuth>>) -> Result<Host> {
         .map(|(h, _)| h.to_string())
         .context("api address")?;
     let docker = get("docker")?;
+    let mut client = Client::new(&api, Duration::from_secs(30))?;
+    if let Some(t) = &token {
+        client = super::bearer(client, t);
+    }
     Ok(Host {
         name: get("name")?,
-        client: Client::new(&api, Duration::from_secs(30))?,
+        client,
+        token,
+        key: None,
         engine: Engine::connect_at(&docker).await?,
         api,
         ip,

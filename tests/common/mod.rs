@@ -36,8 +36,27 @@ pub struct Node {
     pub env: Vec<(String, String)>,
     pub child: Option<Child>,
     pub url: String,
+    /// An operator's client of this node (its token from the node's key).
     pub client: Client,
+    /// The operator token `client` sends (`None`: no key file found).
+    pub token: Option<String>,
 }
+
+/// A token for `user` with `role` (`"tester"` / `"operator"`), signed with
+/// the key file at `key`, valid for `ttl`.
+pub fn token_with(key: &Path, user: &str, role: &str, ttl: Duration) -> Result<String> {
+    let keyring = shoal::keyring::Keyring::load(key)?;
+    let (t, _) = shoal::auth::issue(&keyring, user, role.parse()?, ttl, shoal::auth::now_secs())?;
+    Ok(t)
+}
+
+/// `client`, sending `Authorization: Bearer <token>`.
+pub fn bearer(client: Client, token: &str) -> Client {
+    client.with_header("authorization", &format!("Bearer {token}"))
+}
+
+/// The user name the harness's operator tokens carry.
+pub const HARNESS_OPERATOR: &str = "ops@harness";
 
 /// The cluster key file of the nodes sharing `store` (created on first use,
 /// mode 0600, next to the store), as a `--cluster-key` argument.
@@ -134,6 +153,7 @@ impl Node {
             child: None,
             url: String::new(),
             client: Client::new("http://127.0.0.1:1", Duration::from_secs(30))?,
+            token: None,
         };
         node.spawn().await?;
         Ok(node)
@@ -161,7 +181,19 @@ impl Node {
         loop {
             if let Ok(addr) = std::fs::read_to_string(&addr_file) {
                 self.url = format!("http://{}", addr.trim());
-                self.client = Client::new(&self.url, Duration::from_secs(30))?;
+                self.token = match self.key_file() {
+                    Some(k) => Some(token_with(
+                        &k,
+                        HARNESS_OPERATOR,
+                        "operator",
+                        Duration::from_secs(86400),
+                    )?),
+                    None => None,
+                };
+                self.client = self.anonymous()?;
+                if let Some(t) = &self.token {
+                    self.client = bearer(self.client.clone(), t);
+                }
                 if self.client.get::<Value>("/v1/node").await.is_ok() {
                     return Ok(());
                 }
@@ -174,6 +206,33 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The key file this node signs tokens with: its `--cluster-key`, or
+    /// `<data_dir>/cluster.key` (created by a node without one).
+    pub fn key_file(&self) -> Option<PathBuf> {
+        if let Some(i) = self.args.iter().position(|a| a == "--cluster-key") {
+            return self.args.get(i + 1).map(PathBuf::from);
+        }
+        let own = self.dir.join("cluster.key");
+        own.exists().then_some(own)
+    }
+
+    /// A client of this node without a token.
+    pub fn anonymous(&self) -> Result<Client> {
+        Ok(Client::new(&self.url, Duration::from_secs(30))?)
+    }
+
+    /// A client of this node as `user` with `role` (`tester`, `operator`).
+    pub fn client_as(&self, user: &str, role: &str) -> Result<Client> {
+        let key = self.key_file().context("the node has no key file")?;
+        let t = token_with(&key, user, role, Duration::from_secs(86400))?;
+        Ok(bearer(self.anonymous()?, &t))
+    }
+
+    /// A client of this node as tester `user`.
+    pub fn tester(&self, user: &str) -> Result<Client> {
+        self.client_as(user, "tester")
     }
 
     /// kill -9.

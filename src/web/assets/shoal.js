@@ -50,11 +50,13 @@
   var polling = null;
   es.onerror = function () {
     // The stream ends when the environment is gone; the browser retries
-    // otherwise, which is what we want. A stream refused outright (an
-    // error status) is closed for good: then the live section is fetched
-    // every few seconds instead.
-    if (es.readyState === 2 && !polling) {
-      polling = setInterval(function () { refresh(null); }, 3000);
+    // otherwise, which is what we want. A stream refused outright (closed:
+    // e.g. 401 without a token) leaves the page to poll its live section.
+    if (es.readyState === EventSource.CLOSED && !polling) {
+      polling = setInterval(function () {
+        if (live.querySelector('[data-status="deleted"],[data-status="lost"],[data-status="failed"]')) { clearInterval(polling); return; }
+        refresh(null);
+      }, 2000);
     }
   };
 })();
