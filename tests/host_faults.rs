@@ -27,9 +27,10 @@ struct Stream {
 }
 
 impl Stream {
-    fn open(url: &str) -> Result<Stream> {
+    fn open(url: &str, token: &str) -> Result<Stream> {
+        let auth = format!("Authorization: Bearer {token}");
         let mut child = Command::new("curl")
-            .args(["-sS", "-N", "--max-time", "300", url])
+            .args(["-sS", "-N", "--max-time", "300", "-H", &auth, url])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -364,7 +365,8 @@ async fn store_loss_disk_full_and_sigterm_on_one_host_each() -> Result<()> {
     // inside the unit's stop timeout, and fails otherwise), the streams are
     // ended cleanly, its environments keep running and show lost elsewhere.
     let url = format!("{}/v1/environments/{}/events", hosts.host(2).api, pinned[2]);
-    let mut streams = vec![Stream::open(&url)?, Stream::open(&url)?];
+    let token = hosts.host(2).token.clone().context("the harness's token")?;
+    let mut streams = vec![Stream::open(&url, &token)?, Stream::open(&url, &token)?];
     for st in &streams {
         let first: Value = serde_json::from_str(&st.next_data(Duration::from_secs(10))?)?;
         assert_eq!(first["status"], "ready", "{first}");

@@ -140,7 +140,7 @@ fn count(v: &Value, k: &str) -> u64 {
 
 /// Waits (20 s at most) until counter `k` of host `i` exceeds `floor`.
 async fn counter_above(hosts: &Hosts, i: usize, k: &str, floor: u64) -> Result<()> {
-    let c = &hosts.host(i).client;
+    let c = &hosts.host(i).anonymous()?;
     wait_for(Duration::from_secs(20), || async {
         Ok(count(&counters(c).await?, k) > floor)
     })
@@ -191,7 +191,7 @@ fn line(ip: &str, dgram: &[u8]) -> String {
 /// every member knows it, for every host in `to`.
 async fn forgeries(hosts: &Hosts, to: &[usize]) -> Result<Vec<String>> {
     let victim = hosts.host(2);
-    let v: Value = hosts.host(0).client.get("/v1/cluster").await?;
+    let v: Value = hosts.host(0).anonymous()?.get("/v1/cluster").await?;
     let generation = v["nodes"]
         .as_array()
         .into_iter()
@@ -215,7 +215,10 @@ async fn forgeries(hosts: &Hosts, to: &[usize]) -> Result<Vec<String>> {
 async fn forge(hosts: &Hosts, counter: &str) -> Result<()> {
     let mut before = Vec::new();
     for i in MEMBERS {
-        before.push(count(&counters(&hosts.host(i).client).await?, counter));
+        before.push(count(
+            &counters(&hosts.host(i).anonymous()?).await?,
+            counter,
+        ));
     }
     let sent = send_from(hosts, NO_KEY, &forgeries(hosts, &MEMBERS).await?).await?;
     ensure!(sent == 6, "sent {sent}");
@@ -245,7 +248,10 @@ impl Poller {
             .hosts
             .iter()
             .enumerate()
-            .map(|(i, h)| (i, h.name.clone(), h.client.clone()))
+            .map(|(i, h)| {
+                let c = h.anonymous().expect("a client");
+                (i, h.name.clone(), c)
+            })
             .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let bad: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -329,20 +335,27 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
             conf(&plan, i)?,
             "insecure_gossip = true\ngossip_seal = \"off\"\n",
         )?;
+        // Reads without a token: every member's key changes under the
+        // test (its own, then the shared one, then the rotated one).
         plan.each.push(vec![
             "--config".into(),
             conf(&plan, i)?.display().to_string(),
+            "--open-read".into(),
         ]);
     }
-    plan.each.push(vec!["--insecure-gossip".into()]);
+    plan.each
+        .push(vec!["--insecure-gossip".into(), "--open-read".into()]);
     let old_key = plan.host_dir(WRONG_KEY)?.join("old.key");
     write_private(&old_key, &key_a)?;
-    plan.each
-        .push(vec!["--cluster-key".into(), old_key.display().to_string()]);
+    plan.each.push(vec![
+        "--cluster-key".into(),
+        old_key.display().to_string(),
+        "--open-read".into(),
+    ]);
     plan.defer = vec![NO_KEY, WRONG_KEY];
     let hosts = plan.up().await?;
     for i in MEMBERS {
-        let g = node_info(&hosts.host(i).client).await?["gossip"].clone();
+        let g = node_info(&hosts.host(i).anonymous()?).await?["gossip"].clone();
         assert_eq!(g["mode"], "off", "{g}");
     }
     let image = hosts.publish_demo(0).await?;
@@ -381,7 +394,7 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
                 ),
             )?;
             hosts.hup_shoal(i).await?;
-            let c = &hosts.host(i).client;
+            let c = &hosts.host(i).anonymous()?;
             wait_for(Duration::from_secs(20), || async {
                 let g = node_info(c).await?["gossip"].clone();
                 Ok(g["mode"] == *mode && g["key_ids"][0] == *primary)
@@ -398,22 +411,22 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
         eprintln!("step done: {mode}, primary {primary}");
     }
     for i in MEMBERS {
-        let g = node_info(&hosts.host(i).client).await?["gossip"].clone();
+        let g = node_info(&hosts.host(i).anonymous()?).await?["gossip"].clone();
         assert_eq!(g["key_ids"], json!([id_b]), "{g}");
         assert!(count(&g["datagrams"], "opened") > 0, "{g}");
     }
     hosts.wait_view(&MEMBERS, Duration::from_secs(10)).await?;
 
     // 2. The rogues: no key (unsealed), and the key rotated out.
-    let at_seed = counters(&hosts.host(0).client).await?;
+    let at_seed = counters(&hosts.host(0).anonymous()?).await?;
     hosts.start_shoal(NO_KEY).await?;
     hosts.start_shoal(WRONG_KEY).await?;
-    let g3 = node_info(&hosts.host(NO_KEY).client).await?["gossip"].clone();
+    let g3 = node_info(&hosts.host(NO_KEY).anonymous()?).await?["gossip"].clone();
     assert_eq!(
         (&g3["mode"], &g3["insecure"]),
         (&json!("off"), &json!(true))
     );
-    let g4 = node_info(&hosts.host(WRONG_KEY).client).await?["gossip"].clone();
+    let g4 = node_info(&hosts.host(WRONG_KEY).anonymous()?).await?["gossip"].clone();
     assert_eq!(g4["key_ids"], json!([id_a]), "{g4}");
     counter_above(
         &hosts,
@@ -433,7 +446,7 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
     tokio::time::sleep(Duration::from_secs(5)).await;
     poll.check("with the rogues running")?;
     for r in [NO_KEY, WRONG_KEY] {
-        let c = counters(&hosts.host(r).client).await?;
+        let c = counters(&hosts.host(r).anonymous()?).await?;
         assert_eq!(
             count(&c, "opened") + count(&c, "accepted_unsealed"),
             0,
@@ -447,7 +460,7 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
     let views_before = {
         let mut v = Vec::new();
         for i in MEMBERS {
-            v.push(view(&hosts.host(i).client).await?);
+            v.push(view(&hosts.host(i).anonymous()?).await?);
         }
         v
     };
@@ -455,7 +468,7 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
         let mut v = Vec::new();
         for i in MEMBERS {
             v.push(count(
-                &counters(&hosts.host(i).client).await?,
+                &counters(&hosts.host(i).anonymous()?).await?,
                 "dropped_replay",
             ));
         }
@@ -507,7 +520,7 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
     }
     for (k, i) in MEMBERS.into_iter().enumerate() {
         assert_eq!(
-            view(&hosts.host(i).client).await?,
+            view(&hosts.host(i).anonymous()?).await?,
             views_before[k],
             "{}'s view changed after the replays",
             hosts.host(i).name
@@ -524,7 +537,7 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
     let all: Vec<usize> = (0..hosts.len()).collect();
     let mut before = Vec::new();
     for &i in &all {
-        before.push(counters(&hosts.host(i).client).await?);
+        before.push(counters(&hosts.host(i).anonymous()?).await?);
     }
     let mut dgrams = forgeries(&hosts, &all).await?;
     for &i in &all {
@@ -541,7 +554,7 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
     for &i in &all {
         let b = &before[i];
         counter_above(&hosts, i, "dropped_bad_auth", count(b, "dropped_bad_auth")).await?;
-        let c = &hosts.host(i).client;
+        let c = &hosts.host(i).anonymous()?;
         wait_for(Duration::from_secs(20), || async {
             let now = counters(c).await?;
             let refused = |v: &Value| count(v, "dropped_unsealed") + count(v, "dropped_malformed");
@@ -555,18 +568,32 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
 
     // 5. Creates at every member, after all of it: they run on members,
     // and the new facts (environment counts) reach every member.
+    // Tokens now verify with the rotated key every member holds.
+    let final_key = hosts.host_dir(0).join("shoal.key");
+    let op = token_with(
+        &final_key,
+        "r@example.com",
+        "operator",
+        Duration::from_secs(3600),
+    )?;
+    let as_op = |i: usize| -> Result<Client> { Ok(bearer(hosts.host(i).anonymous()?, &op)) };
     let mut ids = Vec::new();
     for i in MEMBERS {
-        let (code, body) = hosts
-            .host(i)
-            .request_env(json!({"image": image, "owner": "r@example.com"}))
-            .await?;
+        let (code, body) = raw(
+            &as_op(i)?,
+            "POST",
+            "/v1/environments",
+            Some(serde_json::to_vec(
+                &json!({"image": image, "owner": "r@example.com"}),
+            )?),
+        )
+        .await?;
         assert_eq!(code, 202, "{body}");
         ids.push(body["id"].as_str().context("id")?.to_string());
     }
     let mut on: BTreeMap<String, u64> = BTreeMap::new();
     for id in &ids {
-        let rec = hosts.host(0).wait_settled(id).await?;
+        let rec = settled(&as_op(0)?, id, || hosts.logs_tail(20)).await?;
         assert_eq!(rec.status.as_str(), "ready", "{rec:?}");
         let owner = hosts.index(&rec.node).context("owner is a harness host")?;
         assert!(MEMBERS.contains(&owner), "{id} ran on {}", rec.node);
@@ -577,7 +604,7 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
         *on.entry(rec.node.clone()).or_default() += 1;
     }
     for i in MEMBERS {
-        let c = &hosts.host(i).client;
+        let c = &hosts.host(i).anonymous()?;
         let on = &on;
         wait_for(Duration::from_secs(30), || async {
             let v = view(c).await?;
