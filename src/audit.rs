@@ -159,7 +159,8 @@ mod tests {
 
     #[test]
     fn every_write_route_is_classified() {
-        let cases: Vec<(&str, &str, Option<(Action, &str)>)> = vec![
+        type Case<'a> = (&'a str, &'a str, Option<(Action, &'a str)>);
+        let cases: Vec<Case> = vec![
             ("POST", "/v1/environments", Some((Action::Create, ""))),
             (
                 "DELETE",
