@@ -382,6 +382,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        // Audit lines of writes: inside the token gate, which names the
+        // caller (`audit.rs`).
+        .layer(axum::middleware::from_fn(crate::audit::layer))
         // Runs after the peer gate (layers added later run first).
         .layer(axum::middleware::from_fn_with_state(
             state.auth.clone(),

@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod api;
 pub mod archive;
+pub mod audit;
 pub mod auth;
 pub mod builds;
 pub mod client;

@@ -408,6 +408,8 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| "shoal=info,warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or journald gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

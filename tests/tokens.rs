@@ -152,11 +152,14 @@ async fn who_may_do_what_across_three_hosts() -> Result<()> {
     // Tester A asks host 0 with no owner: the environment is A's, on a slave.
     let a = h0.tester("a@lab")?;
     let b = h0.tester("b@lab")?;
+    // Her environment variables are secret: the value below must never be
+    // gossiped or logged, only shown to her and operators.
+    let secret = format!("pw-{}", unique("s"));
     let (code, env_a) = call(
         &a,
         "POST",
         "/v1/environments",
-        Some(json!({"image": image})),
+        Some(json!({"image": image, "env": {"DB_PASSWORD": secret}})),
     )
     .await?;
     assert_eq!(code, 202, "{env_a}");
@@ -165,6 +168,40 @@ async fn who_may_do_what_across_three_hosts() -> Result<()> {
     assert_ne!(env_a.node, h0.name);
     let rec = settled(&a, &env_a.id, || hosts.logs_tail(20)).await?;
     assert_eq!(rec.status.as_str(), "ready", "{rec:?}");
+    assert_eq!(rec.env["DB_PASSWORD"], secret, "the owner sees her value");
+    for i in 0..3 {
+        let (_, view) = call(&hosts.host(i).client, "GET", "/v1/cluster", None).await?;
+        assert!(
+            !view.to_string().contains(&secret),
+            "host {i} gossips the secret"
+        );
+    }
+    // The write left an audit line at the node she called, naming her,
+    // her role and the new environment (the layer in `audit.rs`).
+    let audited = |i: usize, needles: &[&str]| {
+        hosts
+            .shoal_log(i)
+            .lines()
+            .any(|l| l.contains("audit") && needles.iter().all(|n| l.contains(n)))
+    };
+    let obj = format!("object={}", env_a.id);
+    let created = [
+        "user=a@lab",
+        "role=tester",
+        "action=create",
+        obj.as_str(),
+        "status=202",
+    ];
+    wait_for(Duration::from_secs(5), || async {
+        Ok(audited(0, &created))
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "no audit line of the create at host 0:\n{}",
+            hosts.logs_tail(30)
+        )
+    })?;
     let owner_host = hosts.index(&rec.node).context("owner host")?;
     let (code, env_b) = call(
         &b,
@@ -247,6 +284,18 @@ async fn who_may_do_what_across_three_hosts() -> Result<()> {
     )
     .await?;
     assert_eq!(code, 200, "A extends her own: {rec}");
+    // Refused writes are audited too, where they were refused.
+    let refused = ["user=b@lab", "action=return", obj.as_str(), "status=403"];
+    assert!(audited(0, &refused), "no audit line of B's refused return");
+    let extended = ["user=a@lab", "action=extend", obj.as_str(), "status=200"];
+    assert!(audited(0, &extended), "no audit line of A's extension");
+    // The secret was never logged by any host.
+    for i in 0..3 {
+        assert!(
+            !hosts.shoal_log(i).contains(&secret),
+            "host {i} logged the secret"
+        );
+    }
 
     // Lists: a tester sees their own, an operator every one.
     let ids = |v: &Value| -> Vec<String> {

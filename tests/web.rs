@@ -1175,6 +1175,22 @@ async fn sign_in_csrf_on_every_form_and_only_your_own() -> Result<()> {
     let a = bo_web.post(&format!("/envs/{id}/return"), &[("csrf", &bo_csrf)])?;
     assert_eq!(a.code, 403, "{a:?}");
     assert_eq!(now_expiry().await?, expires);
+    // Audit lines (`audit.rs`): the page's create under the signed-in
+    // user, and the other tester's refused return.
+    let log = node.log();
+    let audited = |needles: &[&str]| {
+        log.lines()
+            .any(|l| l.contains("shoal::audit") && needles.iter().all(|n| l.contains(n)))
+    };
+    let obj = format!("object={id}");
+    assert!(
+        audited(&[&format!("user={li}"), "action=create", &obj, "status=303"]),
+        "no audit line of the page's create:\n{log}"
+    );
+    assert!(
+        audited(&[&format!("user={bo}"), "action=return", &obj, "status=403"]),
+        "no audit line of the refused return:\n{log}"
+    );
     // The cluster page is for operators.
     assert_eq!(web.get("/cluster")?.code, 403);
     let ops = Web::signed(node, &token_for(node, "ops@example.com", Role::Operator)?);

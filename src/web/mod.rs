@@ -240,12 +240,23 @@ async fn gate(
              Nothing was changed: reload the page and try again.",
         );
     }
+    let actor = match &who {
+        Some(i) => Some(crate::audit::Actor::of(i)),
+        None if link.is_some() => Some(crate::audit::Actor::mail_link()),
+        None => None,
+    };
     parts.extensions.insert(sess);
-    next.run(axum::extract::Request::from_parts(
-        parts,
-        axum::body::Body::from(bytes),
-    ))
-    .await
+    let mut resp = next
+        .run(axum::extract::Request::from_parts(
+            parts,
+            axum::body::Body::from(bytes),
+        ))
+        .await;
+    // Who posted, for the audit line (`audit.rs` writes it outside).
+    if let Some(a) = actor {
+        resp.extensions_mut().insert(a);
+    }
+    resp
 }
 
 /// The capabilities of an environment's mail links (`mail/`).
