@@ -222,9 +222,25 @@ async fn replayed_datagrams_are_dropped_and_change_nothing() {
         }
     }
     assert!(captured.len() > 5);
+    // Sent on to a third member, which has not seen their nonces: sealed
+    // for node-0, they open nowhere else (the receiver is in the tag).
+    let c = start(&wire, 2, Some(0), SealMode::Required, &[1]).await;
+    until(&c.gossip, "all alive at node-2", |v| all_alive(v, 3)).await;
+    let c_before = c.stats.snapshot();
+    for d in &captured {
+        wire.inject(addr(66), addr(2), d.clone());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c_after = c.stats.snapshot();
+    assert_eq!(
+        c_after.dropped_bad_auth - c_before.dropped_bad_auth,
+        captured.len() as u64,
+        "every datagram sealed for node-0 refused at node-2: {c_after:?}"
+    );
+    c.gossip.abort().await;
     b.gossip.abort().await;
-    until(&a.gossip, "node-1 dead", |v| {
-        v.node("node-1").is_some_and(|n| !n.alive)
+    until(&a.gossip, "node-1 and node-2 dead", |v| {
+        v.node("node-1").is_some_and(|n| !n.alive) && v.node("node-2").is_some_and(|n| !n.alive)
     })
     .await;
     let before = a.stats.snapshot();

@@ -310,7 +310,8 @@ impl Gossip {
         control: seal::SealControl,
         stats: Arc<seal::SealStats>,
     ) -> Result<Gossip, ClusterError> {
-        let transport = seal::SealTransport::with_control(Arc::new(seal::UdpWire), control, stats);
+        let transport = seal::SealTransport::with_control(Arc::new(seal::UdpWire), control, stats)
+            .advertising(cfg.advertise_addr);
         Gossip::start(cfg, initial, &transport).await
     }
 

@@ -217,10 +217,14 @@ impl Sealer {
         }
     }
 
-    /// Seals one serialized chitchat message into one or more datagrams,
-    /// none larger than [`MAX_DATAGRAM`]. `None` when it would take more
-    /// than [`MAX_FRAGMENTS`] (chitchat never builds such a message).
-    pub fn seal(&self, message: &[u8], now_ms: u64) -> Option<Vec<Vec<u8>>> {
+    /// Seals one serialized chitchat message for the node at `to` into one
+    /// or more datagrams, none larger than [`MAX_DATAGRAM`]. `None` when it
+    /// would take more than [`MAX_FRAGMENTS`] (chitchat never builds such a
+    /// message). The receiver's address is bound into the tag (associated
+    /// data, not sent): a datagram captured on its way to one node opens
+    /// nowhere else, so it cannot be replayed to a node whose nonce cache
+    /// has not seen it.
+    pub fn seal(&self, message: &[u8], now_ms: u64, to: SocketAddr) -> Option<Vec<Vec<u8>>> {
         let count = message.len().div_ceil(MAX_CHUNK).max(1);
         if count > MAX_FRAGMENTS {
             return None;
@@ -241,7 +245,7 @@ impl Sealer {
             plain.push(index as u8);
             plain.push(count as u8);
             plain.extend_from_slice(chunk);
-            let aad = [&header[..], &self.cluster_id].concat();
+            let aad = aad(&header, &self.cluster_id, to);
             let sealed = key
                 .aead
                 .encrypt(
@@ -261,14 +265,18 @@ impl Sealer {
         Some(out)
     }
 
-    /// Opens a sealed datagram: checks the window against `now_ms` and the
-    /// nonce against `replay`, then the tag. Nothing of the content is
-    /// looked at before the tag checked.
+    /// Opens a sealed datagram that came to this node, reached at any of
+    /// `at` (its advertised gossip address, and its listen address when
+    /// that is a specific one): checks the window against `now_ms` and the
+    /// nonce against `replay`, then the tag, which holds only for a
+    /// datagram sealed for one of `at`. Nothing of the content is looked at
+    /// before the tag checked.
     pub fn open(
         &self,
         dgram: &[u8],
         now_ms: u64,
         replay: &mut ReplayGuard,
+        at: &[SocketAddr],
     ) -> Result<Fragment, Drop> {
         if !is_sealed(dgram) || dgram.len() < HEADER + TAG + FRAG_HEADER {
             return Err(Drop::Malformed);
@@ -281,17 +289,20 @@ impl Sealer {
         if !replay.in_window(now_ms, ts) {
             return Err(Drop::Replay);
         }
-        let aad = [header, &self.cluster_id].concat();
-        let plain = key
-            .aead
-            .decrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &dgram[HEADER..],
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| Drop::BadAuth)?;
+        let plain = at
+            .iter()
+            .find_map(|&to| {
+                key.aead
+                    .decrypt(
+                        XNonce::from_slice(&nonce),
+                        Payload {
+                            msg: &dgram[HEADER..],
+                            aad: &aad(header, &self.cluster_id, to),
+                        },
+                    )
+                    .ok()
+            })
+            .ok_or(Drop::BadAuth)?;
         // Only an authentic datagram is remembered, so forged ones cannot
         // fill the cache.
         if !replay.remember(now_ms, ts, nonce) {
@@ -309,6 +320,12 @@ impl Sealer {
             chunk: plain[FRAG_HEADER..].to_vec(),
         })
     }
+}
+
+/// The associated data of a sealed datagram: its header, the cluster id and
+/// the address of the node it is for (as text: `10.0.0.5:7946`).
+fn aad(header: &[u8], cluster_id: &[u8], to: SocketAddr) -> Vec<u8> {
+    [header, cluster_id, to.to_string().as_bytes()].concat()
 }
 
 /// A datagram in the sealed format (by its magic; not yet authentic).
@@ -507,6 +524,8 @@ pub struct SealTransport {
     wire: Arc<dyn Wire>,
     control: SealControl,
     stats: Arc<SealStats>,
+    /// The address peers send to, when it is not the listen address.
+    advertise: Option<SocketAddr>,
 }
 
 impl SealTransport {
@@ -530,7 +549,16 @@ impl SealTransport {
             wire,
             control,
             stats,
+            advertise: None,
         }
+    }
+
+    /// Peers reach this node at `addr` (its advertised gossip address),
+    /// which may differ from the listen address (`0.0.0.0:7946`): sealed
+    /// datagrams for it open here.
+    pub fn advertising(mut self, addr: SocketAddr) -> SealTransport {
+        self.advertise = Some(addr);
+        self
     }
 }
 
@@ -541,7 +569,12 @@ impl Transport for SealTransport {
             self.wire.bind(listen_addr).await.map_err(|e| {
                 anyhow::anyhow!("failed to bind to {listen_addr}/UDP for gossip: {e}")
             })?;
+        let mut local: Vec<SocketAddr> = self.advertise.into_iter().collect();
+        if !listen_addr.ip().is_unspecified() && !local.contains(&listen_addr) {
+            local.push(listen_addr);
+        }
         Ok(Box::new(SealSocket {
+            local,
             wire,
             control: self.control.clone(),
             stats: self.stats.clone(),
@@ -559,6 +592,9 @@ impl Transport for SealTransport {
 const MAX_HEARD: usize = 4096;
 
 struct SealSocket {
+    /// The addresses sealed datagrams for this node name (advertised,
+    /// listen): what `Sealer::open` checks the tag against.
+    local: Vec<SocketAddr>,
     wire: Box<dyn WireSocket>,
     control: SealControl,
     stats: Arc<SealStats>,
@@ -592,7 +628,7 @@ impl SealSocket {
             match &sealer {
                 None => Err(Drop::BadAuth),
                 Some(s) => s
-                    .open(dgram, unix_ms(), &mut self.replay)
+                    .open(dgram, unix_ms(), &mut self.replay, &self.local)
                     .inspect(|_| bump(&self.stats.opened))
                     .and_then(|f| self.reassembly.add(from, f, Instant::now()))
                     .and_then(|whole| match whole {
@@ -643,7 +679,7 @@ impl Socket for SealSocket {
             SealMode::Required => false,
         };
         if let Some(sealer) = sealer.filter(|_| mode != SealMode::Off) {
-            match sealer.seal(&out, unix_ms()) {
+            match sealer.seal(&out, unix_ms(), to) {
                 Some(dgrams) => {
                     for d in dgrams {
                         self.send_raw(to, &d, true).await;
@@ -693,6 +729,11 @@ mod tests {
     use super::*;
     use crate::keyring::Keyring;
 
+    /// The node the test datagrams are for.
+    fn b() -> SocketAddr {
+        "10.0.0.2:7946".parse().unwrap()
+    }
+
     fn sealer(keys: &[[u8; 32]], cluster: &str) -> Sealer {
         Sealer::new(
             &Keyring::from_keys(keys.to_vec()).unwrap().gossip_keys(),
@@ -715,7 +756,7 @@ mod tests {
             3 * MAX_CHUNK,
         ] {
             let msg: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-            let dgrams = s.seal(&msg, NOW).unwrap();
+            let dgrams = s.seal(&msg, NOW, b()).unwrap();
             assert_eq!(dgrams.len(), len.div_ceil(MAX_CHUNK).max(1), "{len}");
             assert!(dgrams.iter().all(|d| d.len() <= MAX_DATAGRAM), "{len}");
             let mut guard = ReplayGuard::new(100);
@@ -724,18 +765,18 @@ mod tests {
             let mut whole = None;
             // Out of order.
             for d in dgrams.iter().rev() {
-                let f = s.open(d, NOW + 5, &mut guard).unwrap();
+                let f = s.open(d, NOW + 5, &mut guard, &[b()]).unwrap();
                 whole = re.add(from, f, Instant::now()).unwrap().or(whole);
             }
             assert_eq!(whole.unwrap(), msg, "{len}");
         }
-        assert!(s.seal(&vec![0; 4 * MAX_CHUNK + 1], NOW).is_none());
+        assert!(s.seal(&vec![0; 4 * MAX_CHUNK + 1], NOW, b()).is_none());
     }
 
     #[test]
     fn what_does_not_open_table() {
         let s = sealer(&[[1; 32]], "c");
-        let d = s.seal(b"hello", NOW).unwrap().remove(0);
+        let d = s.seal(b"hello", NOW, b()).unwrap().remove(0);
         let mut tampered = d.clone();
         *tampered.last_mut().unwrap() ^= 1;
         let mut header_changed = d.clone();
@@ -823,33 +864,48 @@ mod tests {
         ];
         for (name, opener, dgram, now, want) in cases {
             let got = opener
-                .open(&dgram, now, &mut ReplayGuard::new(10))
+                .open(&dgram, now, &mut ReplayGuard::new(10), &[b()])
                 .map(|f| assert_eq!(f.chunk, b"hello"));
             assert_eq!(got, want, "{name}");
         }
+        // Sealed for node b: it opens at b (among its addresses) and at no
+        // other node, so a capture cannot be replayed to a third node.
+        let c: SocketAddr = "10.0.0.3:7946".parse().unwrap();
+        let at = |addrs: &[SocketAddr]| {
+            s.open(&d, NOW, &mut ReplayGuard::new(10), addrs)
+                .map(|_| ())
+        };
+        assert_eq!(at(&[c]), Err(Drop::BadAuth));
+        assert_eq!(at(&[]), Err(Drop::BadAuth));
+        assert_eq!(at(&[c, b()]), Ok(()));
+        let b_other_port: SocketAddr = "10.0.0.2:7947".parse().unwrap();
+        assert_eq!(at(&[b_other_port]), Err(Drop::BadAuth));
     }
 
     #[test]
     fn replays_are_dropped_and_the_cache_is_bounded() {
         let s = sealer(&[[1; 32]], "c");
         let mut guard = ReplayGuard::new(3);
-        let d = s.seal(b"x", NOW).unwrap().remove(0);
-        assert!(s.open(&d, NOW, &mut guard).is_ok());
-        assert_eq!(s.open(&d, NOW + 1, &mut guard), Err(Drop::Replay));
+        let d = s.seal(b"x", NOW, b()).unwrap().remove(0);
+        assert!(s.open(&d, NOW, &mut guard, &[b()]).is_ok());
+        assert_eq!(s.open(&d, NOW + 1, &mut guard, &[b()]), Err(Drop::Replay));
         // Full cache: the oldest are forgotten and the floor rises above them,
         // so they still cannot be replayed.
         let later: Vec<_> = (1..=3)
-            .map(|i| s.seal(b"y", NOW + i * 10).unwrap().remove(0))
+            .map(|i| s.seal(b"y", NOW + i * 10, b()).unwrap().remove(0))
             .collect();
         for d in &later {
-            assert!(s.open(d, NOW + 40, &mut guard).is_ok());
+            assert!(s.open(d, NOW + 40, &mut guard, &[b()]).is_ok());
         }
         assert_eq!(guard.len(), 3);
-        assert_eq!(s.open(&d, NOW + 41, &mut guard), Err(Drop::Replay));
-        assert_eq!(s.open(&later[0], NOW + 42, &mut guard), Err(Drop::Replay));
+        assert_eq!(s.open(&d, NOW + 41, &mut guard, &[b()]), Err(Drop::Replay));
+        assert_eq!(
+            s.open(&later[0], NOW + 42, &mut guard, &[b()]),
+            Err(Drop::Replay)
+        );
         // Out of the window: forgotten, and refused by time.
-        let fresh = s.seal(b"z", NOW + 200_000).unwrap().remove(0);
-        assert!(s.open(&fresh, NOW + 200_000, &mut guard).is_ok());
+        let fresh = s.seal(b"z", NOW + 200_000, b()).unwrap().remove(0);
+        assert!(s.open(&fresh, NOW + 200_000, &mut guard, &[b()]).is_ok());
         assert_eq!(guard.len(), 1);
     }
 
