@@ -494,6 +494,16 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
         }
         v
     };
+    let bad_auth_before: Vec<u64> = {
+        let mut v = Vec::new();
+        for i in MEMBERS {
+            v.push(count(
+                &counters(&hosts.host(i).anonymous()?).await?,
+                "dropped_bad_auth",
+            ));
+        }
+        v
+    };
     let cap = tokio::process::Command::new("python3")
         .args([
             "-c",
@@ -512,6 +522,7 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
     );
     let mut replays = Vec::new();
     let mut per_target: BTreeMap<String, u64> = BTreeMap::new();
+    let mut misdirected: BTreeMap<String, u64> = BTreeMap::new();
     for l in String::from_utf8(cap.stdout)?.lines() {
         let w: Vec<&str> = l.split_whitespace().collect();
         let [src, dst, _port, data] = w[..] else {
@@ -527,6 +538,15 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
         );
         replays.push(line(dst, &d));
         *per_target.entry(dst.to_string()).or_default() += 1;
+        // The same datagram to the third member, whose nonce cache never
+        // saw it: sealed for `dst`, it must not open there either.
+        // Sent twice: had the first opened there, the second would count
+        // as a replay, which the exact count below rules out.
+        if let Some(third) = member_ips.iter().find(|ip| *ip != src && *ip != dst) {
+            replays.push(line(third, &d));
+            replays.push(line(third, &d));
+            *misdirected.entry(third.clone()).or_default() += 2;
+        }
     }
     ensure!(
         replays.len() >= 3,
@@ -537,6 +557,24 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
     for (k, i) in MEMBERS.into_iter().enumerate() {
         let want = replay_before[k] + per_target.get(&hosts.host(i).ip).copied().unwrap_or(0);
         counter_above(&hosts, i, "dropped_replay", want.saturating_sub(1)).await?;
+        let want = bad_auth_before[k] + misdirected.get(&hosts.host(i).ip).copied().unwrap_or(0);
+        counter_above(&hosts, i, "dropped_bad_auth", want.saturating_sub(1)).await?;
+    }
+    // Exactly the replays to their own receivers were replays: none of the
+    // datagrams sent on to a third member opened there.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (k, i) in MEMBERS.into_iter().enumerate() {
+        let now = count(
+            &counters(&hosts.host(i).anonymous()?).await?,
+            "dropped_replay",
+        );
+        let own = per_target.get(&hosts.host(i).ip).copied().unwrap_or(0);
+        assert_eq!(
+            now - replay_before[k],
+            own,
+            "{}: a datagram sealed for another member opened here",
+            hosts.host(i).name
+        );
     }
     for (k, i) in MEMBERS.into_iter().enumerate() {
         assert_eq!(
@@ -547,7 +585,7 @@ async fn outsiders_replays_and_forgeries_change_nothing_in_a_cluster_sealed_and_
         );
     }
     eprintln!(
-        "replayed {} captured datagrams: {per_target:?}",
+        "replayed {} captured datagrams: to their receivers {per_target:?}, to a third member {misdirected:?}",
         replays.len()
     );
 
