@@ -146,6 +146,28 @@ async fn who_may_do_what_across_three_hosts() -> Result<()> {
         "{err}"
     );
     assert!(containers(&hosts).await?.is_empty());
+    // Even with an operator's token, a client's `x-shoal-local` ("serve it
+    // here", node-to-node only) is refused at every host: 401 naming it.
+    for i in 0..3 {
+        let forged = hosts
+            .host(i)
+            .client
+            .clone()
+            .with_header("x-shoal-local", "1");
+        let (code, err) = call(
+            &forged,
+            "POST",
+            "/v1/environments",
+            Some(json!({"image": image})),
+        )
+        .await?;
+        assert_eq!(
+            (code, err["field"].as_str()),
+            (401, Some("x-shoal-local")),
+            "host {i}: {err}"
+        );
+    }
+    assert!(containers(&hosts).await?.is_empty());
     let (_, all) = call(&h0.client, "GET", "/v1/environments", None).await?;
     assert_eq!(all, json!([]));
 
