@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+use common::forged_ack;
 use shoal::cluster::seal::{
     decode_plain, MemWire, SealControl, SealMode, SealStats, SealTransport, Sealer, MAX_DATAGRAM,
 };
@@ -18,6 +20,8 @@ use shoal::keyring::Keyring;
 
 const WITHIN: Duration = Duration::from_secs(60);
 const CLUSTER: &str = "seal-test";
+/// Where every member of these tests is (`addr`).
+const LOOPBACK: [u8; 4] = [127, 0, 0, 1];
 
 fn addr(i: u16) -> SocketAddr {
     ([127, 0, 0, 1], 11_000 + i).into()
@@ -267,48 +271,14 @@ async fn replayed_datagrams_are_dropped_and_change_nothing() {
     assert_eq!(after.opened, before.opened, "no replay opened");
 }
 
-/// A chitchat `Ack` carrying one key for the member `node` (its name,
-/// generation and gossip port: chitchat applies deltas to known members
-/// only), built byte by byte (chitchat 0.11.1's wire format: magic,
-/// version, type, then the delta as a block stream).
-fn forged_ack(key: &str, node: (&str, u64, u16)) -> Vec<u8> {
-    fn str16(b: &mut Vec<u8>, s: &str) {
-        b.extend((s.len() as u16).to_le_bytes());
-        b.extend(s.as_bytes());
-    }
-    let mut ops = Vec::new();
-    ops.push(0u8); // node op
-    str16(&mut ops, node.0);
-    ops.extend(node.1.to_le_bytes()); // generation
-    ops.push(4); // IPv4
-    ops.extend([127, 0, 0, 1]);
-    ops.extend(node.2.to_le_bytes());
-    ops.extend(0u64.to_le_bytes()); // last gc version
-    ops.extend(0u64.to_le_bytes()); // from version
-    ops.push(1u8); // key-value op
-    str16(&mut ops, key);
-    str16(&mut ops, "x");
-    ops.extend(1_000_000u64.to_le_bytes()); // a version newer than any
-    ops.push(0); // set
-    let mut b = Vec::new();
-    b.extend(45_139u16.to_le_bytes());
-    b.push(0); // protocol version
-    b.push(2); // Ack
-    b.push(2); // uncompressed block
-    b.extend((ops.len() as u16).to_le_bytes());
-    b.extend(ops);
-    b.push(0); // no more blocks
-    b
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_forged_non_ascii_key_crashes_nothing() {
     // The forgery is a well-formed chitchat message: with an ASCII key it
     // decodes; with a non-ASCII first byte it is refused before chitchat.
     let any = ("node-0", 1, 11_000);
-    assert!(decode_plain(&forged_ack("ok", any)).is_ok());
-    assert!(decode_plain(&forged_ack("égal", any)).is_err());
-    assert!(decode_plain(&forged_ack("\u{301}x", any)).is_err());
+    assert!(decode_plain(&forged_ack("ok", any, LOOPBACK)).is_ok());
+    assert!(decode_plain(&forged_ack("égal", any, LOOPBACK)).is_err());
+    assert!(decode_plain(&forged_ack("\u{301}x", any, LOOPBACK)).is_err());
 
     let wire = MemWire::new();
     let t = start(&wire, 0, None, SealMode::Transitional, &[1]).await;
@@ -320,7 +290,7 @@ async fn a_forged_non_ascii_key_crashes_nothing() {
     let victim = ("node-2", o.gossip.generation(), addr(2).port());
     for target in [addr(0), addr(1)] {
         for key in ["égal", "\u{301}x", "ключ"] {
-            wire.inject(addr(99), target, forged_ack(key, victim));
+            wire.inject(addr(99), target, forged_ack(key, victim, LOOPBACK));
         }
     }
     // Gossip keeps working on both: a fact published afterwards arrives.

@@ -94,38 +94,6 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// A chitchat 0.11.1 Ack carrying one key-value for `node` (name,
-/// generation, gossip port: what a member knows of it), built byte by byte
-/// (magic, protocol version, type, then the delta as a block stream).
-fn forged_ack(key: &str, node: (&str, u64, u16), ip: [u8; 4]) -> Vec<u8> {
-    fn str16(b: &mut Vec<u8>, s: &str) {
-        b.extend((s.len() as u16).to_le_bytes());
-        b.extend(s.as_bytes());
-    }
-    let mut ops = vec![0u8]; // node op
-    str16(&mut ops, node.0);
-    ops.extend(node.1.to_le_bytes()); // generation
-    ops.push(4); // IPv4
-    ops.extend(ip);
-    ops.extend(node.2.to_le_bytes());
-    ops.extend(0u64.to_le_bytes()); // last gc version
-    ops.extend(0u64.to_le_bytes()); // from version
-    ops.push(1u8); // key-value op
-    str16(&mut ops, key);
-    str16(&mut ops, "x");
-    ops.extend(1_000_000u64.to_le_bytes()); // a version newer than any
-    ops.push(0); // set
-    let mut b = Vec::new();
-    b.extend(45_139u16.to_le_bytes());
-    b.push(0); // protocol version
-    b.push(2); // Ack
-    b.push(2); // uncompressed block
-    b.extend((ops.len() as u16).to_le_bytes());
-    b.extend(ops);
-    b.push(0); // no more blocks
-    b
-}
-
 async fn node_info(c: &Client) -> Result<Value> {
     Ok(c.get::<Value>("/v1/node").await?)
 }

@@ -198,22 +198,26 @@ impl Hosts {
         self.hosts.iter().position(|h| h.name == name)
     }
 
-    /// Runs `scripts/cluster OP HOST` on this cluster.
-    async fn op(&self, op: &str, i: usize) -> Result<()> {
+    /// Runs `scripts/cluster ARGS…` on this cluster; fails unless it exits 0.
+    async fn script(&self, args: &[&str]) -> Result<std::process::Output> {
         let out = tokio::process::Command::new(SCRIPT)
-            .args([op, &self.hosts[i].name])
+            .args(args)
             .env("SHOAL_CLUSTER_DIR", &self.dir)
             .stdin(Stdio::null())
             .output()
             .await?;
         if !out.status.success() {
             bail!(
-                "scripts/cluster {op} {}: {}",
-                self.hosts[i].name,
+                "scripts/cluster {args:?}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(())
+        Ok(out)
+    }
+
+    /// Runs `scripts/cluster OP HOST` on this cluster.
+    async fn op(&self, op: &str, i: usize) -> Result<()> {
+        self.script(&[op, &self.hosts[i].name]).await.map(|_| ())
     }
 
     /// Partitions host `i` from the other hosts (both ways; the machine,
@@ -290,21 +294,9 @@ impl Hosts {
     /// Runs `cmd` in host `i`'s network namespace (`scripts/cluster exec`):
     /// it sends and receives as that host. Fails unless it exits 0.
     pub async fn exec(&self, i: usize, cmd: &[&str]) -> Result<std::process::Output> {
-        let out = tokio::process::Command::new(SCRIPT)
-            .args(["exec", &self.hosts[i].name])
-            .args(cmd)
-            .env("SHOAL_CLUSTER_DIR", &self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .await?;
-        if !out.status.success() {
-            bail!(
-                "scripts/cluster exec {} {cmd:?}: {}",
-                self.hosts[i].name,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(out)
+        let mut args = vec!["exec", self.hosts[i].name.as_str()];
+        args.extend_from_slice(cmd);
+        self.script(&args).await
     }
 
     /// The test bridge in the root namespace (every frame between hosts
