@@ -196,7 +196,7 @@ async fn run(shape: Shape) -> Result<()> {
         );
         inflight.spawn(async move {
             let t = Instant::now();
-            if sent % 2 == 0 {
+            if sent.is_multiple_of(2) {
                 let (code, body) = raw(
                     &hosts.host(at).client,
                     "POST",
