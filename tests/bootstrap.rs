@@ -509,9 +509,16 @@ async fn first_boot_joins_the_cluster() -> Result<()> {
     ] {
         std::fs::create_dir_all(root.join(d))?;
     }
+    // The machine's programs and libraries: /usr, and /bin, /lib, ... as
+    // the same symlinks (merged /usr) or bound in too.
+    let mut binds = vec!["usr", "proc", "sys", "dev"];
     for l in ["bin", "lib", "lib64", "sbin"] {
-        if let Ok(t) = std::fs::read_link(Path::new("/").join(l)) {
+        let host = Path::new("/").join(l);
+        if let Ok(t) = std::fs::read_link(&host) {
             std::os::unix::fs::symlink(t, root.join(l))?;
+        } else if host.is_dir() {
+            std::fs::create_dir_all(root.join(l))?;
+            binds.push(l);
         }
     }
     std::os::unix::fs::symlink("../run", root.join("var/run"))?;
@@ -524,10 +531,11 @@ async fn first_boot_joins_the_cluster() -> Result<()> {
     // /run/docker.sock, then chroot into the box's root and exec ExecStart.
     let r = root.display();
     let script = format!(
-        "set -e; for d in usr proc sys dev; do mount --rbind /$d {r}/$d; done; \
+        "set -e; for d in {dirs}; do mount --rbind /$d {r}/$d; done; \
          mount --bind {sock} {r}/run/docker.sock; mount --bind {store} {r}/mnt/shoal-store; \
          exec chroot {r} \"$@\"",
-        store = hosts.store.display()
+        store = hosts.store.display(),
+        dirs = binds.join(" ")
     );
     let log = std::fs::File::create(hdir.join("shoal.log"))?;
     let mut child = tokio::process::Command::new(common::hosts::SCRIPT)
