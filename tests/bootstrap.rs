@@ -225,6 +225,17 @@ fn the_three_files_say_the_same() {
             );
         }
     }
+    // The binary: the same URL and hash, checked by sha512sum before it
+    // is moved into place.
+    let Body::Remote(url, Some(hash)) = &files["/opt/bin/shoal"].1 else {
+        panic!("/opt/bin/shoal is not a download with a hash")
+    };
+    let runcmd = serde_yaml_ng::to_string(&cc["runcmd"]).unwrap();
+    let hex = hash.trim_start_matches("sha512-");
+    assert!(
+        runcmd.contains(&format!("curl -fsSL '{url}' -o /usr/local/bin/shoal.new && echo '{hex}  /usr/local/bin/shoal.new' | sha512sum -c")),
+        "{runcmd}"
+    );
     for (name, unit) in &u {
         if let Some(c) = unit["contents"].as_str() {
             let w = written[format!("/etc/systemd/system/{name}").as_str()];
