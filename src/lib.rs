@@ -9,6 +9,7 @@ pub mod api;
 pub mod archive;
 pub mod audit;
 pub mod auth;
+pub mod bootstrap;
 pub mod builds;
 pub mod client;
 pub mod cluster;

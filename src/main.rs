@@ -137,6 +137,9 @@ enum Cmd {
     /// User tokens: issue (local, with the cluster key) and revoke.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Bootstrap files for new boxes (local; talks to no node).
+    #[command(subcommand)]
+    Bootstrap(shoal::bootstrap::cli::BootstrapCmd),
 }
 
 /// Where the cluster key is: `--data-dir DIR` (`DIR/cluster.key`, what a
@@ -420,6 +423,7 @@ fn main() -> Result<()> {
                 Ok(())
             }
             Cmd::Token(t) => token_cmd(&cli.node, t).await,
+            Cmd::Bootstrap(b) => Ok(shoal::bootstrap::cli::run(&b)?),
             cmd => client_cmd(&cli.node, cli.token.as_deref(), cmd).await,
         }
     })
@@ -533,7 +537,9 @@ async fn client_cmd(node: &str, token: Option<&str>, cmd: Cmd) -> Result<()> {
         client = client.with_header("authorization", &format!("Bearer {}", t.trim()));
     }
     match cmd {
-        Cmd::Daemon(_) | Cmd::Key(_) | Cmd::Token(_) => unreachable!("handled in main"),
+        Cmd::Daemon(_) | Cmd::Key(_) | Cmd::Token(_) | Cmd::Bootstrap(_) => {
+            unreachable!("handled in main")
+        }
         Cmd::Publish { source, image_ref } => {
             let img: ImageInfo = client
                 .post("/v1/images", &json!({"source": source, "ref": image_ref}))
