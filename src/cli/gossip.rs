@@ -449,7 +449,7 @@ mod tests {
             .map(|c| c.to_string())
             .collect();
         assert_eq!(got, ["a dropped name", "b forgotten (generation 7)"]);
-        let json = serde_json::to_value(&changes(&old, &beat.clone())).unwrap();
+        let json = serde_json::to_value(changes(&old, &beat)).unwrap();
         assert_eq!(json, serde_json::json!([]));
         let v = serde_json::to_value(Change::Status {
             member: "b".into(),

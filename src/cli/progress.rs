@@ -143,9 +143,8 @@ impl Progress {
 
     /// Ends the display with a last line.
     pub fn finish(self, message: &str) {
-        match self.bar {
-            Some(b) => b.finish_and_clear(),
-            None => {}
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
         }
         eprintln!("{message}");
     }
