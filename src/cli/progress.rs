@@ -84,14 +84,11 @@ pub struct Progress {
 impl Progress {
     pub fn new(label: &str, mode: Mode) -> Progress {
         let bar = (mode == Mode::Bar).then(|| {
-            let b = ProgressBar::new(0);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
+            // A spinner until the total is known, then the bar.
+            let b = ProgressBar::new_spinner();
+            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+                b.set_style(style);
+            }
             b.set_message(label.to_string());
             b.enable_steady_tick(Duration::from_millis(200));
             b
@@ -128,7 +125,18 @@ impl Progress {
         self.last = (done, total);
         match &self.bar {
             Some(b) => {
-                b.set_length(total.max(done));
+                if b.length().is_none() && total > 0 {
+                    b.set_style(
+                        ProgressStyle::with_template(
+                            "{msg} [{bar:24}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                }
+                if total > 0 {
+                    b.set_length(total.max(done));
+                }
                 b.set_position(done);
             }
             None => {
