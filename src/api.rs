@@ -13,6 +13,8 @@
 //! - `GET  /v1/environments/{id}`     one environment
 //! - `DELETE /v1/environments/{id}`   stop and remove it
 //! - `GET  /v1/cluster`               every node this node knows, alive or dead
+//! - `GET  /v1/gossip`                the raw gossip state (`api/gossip.rs`)
+//! - `GET  /v1/images/{ref}/progress` how far a publish in flight got
 //! - `GET  /v1/workers`               this node's background workers and their state
 //! - `POST /v1/placement`             where a request would go, and why
 //! - `GET  /v1/builds`                every build the build nodes know
@@ -65,6 +67,7 @@ use crate::routing::{Cluster, Forwarded, RouteError, BUDGET_HEADER, LOCAL_HEADER
 use crate::store::{ImageRef, PublishHint, StoreError};
 
 pub mod authn;
+pub mod gossip;
 pub mod guard;
 
 pub use authn::Caller;
@@ -89,6 +92,8 @@ pub struct AppState {
     pub store_probe: crate::health::StoreProbe,
     /// Tokens and who may do what (`auth.rs`).
     pub auth: Arc<crate::auth::Authority>,
+    /// This node's publishes in flight and their progress.
+    pub publishing: Arc<crate::publishing::Publishing>,
 }
 
 /// An error answer: status plus the JSON body.
@@ -359,9 +364,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/node", get(node))
         .route("/v1/images", get(list_images).post(publish))
         .route("/v1/images/{image}", get(get_image))
+        .route("/v1/images/{image}/progress", get(gossip::publish_progress))
         .route("/v1/environments", get(list_envs).post(create_env))
         .route("/v1/environments/{id}", get(get_env).delete(delete_env))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/gossip", get(gossip::gossip))
         .route("/v1/workers", get(workers))
         .route("/v1/placement", axum::routing::post(placement))
         // Build watcher (builds/).
@@ -581,7 +588,18 @@ async fn publish(
         let r2 = r.clone();
         store.call(move |st| Ok(st.get(&r2).is_ok())).await?
     };
-    let (manifest, stats) = crate::transfer::publish(&engine, &store, &img.id, &r, hint).await?;
+    let tracked = s.publishing.begin(&r.to_string(), &req.source, img.size);
+    let (manifest, stats) = crate::transfer::publish_counted(
+        &engine,
+        &store,
+        &img.id,
+        &r,
+        hint,
+        None,
+        Some(tracked.bytes.clone()),
+    )
+    .await?;
+    drop(tracked);
     info!(image = %r, layers_added = stats.layers_added, bytes_added = stats.bytes_added, "published");
     let status = if existed {
         StatusCode::OK

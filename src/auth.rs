@@ -482,6 +482,9 @@ pub fn need(method: &str, path: &str) -> Need {
         "openapi.json" if rest == "openapi.json" => Need::Open,
         "images" if get => Need::Read,
         "cluster" | "node" if get => Need::ClusterRead,
+        // The raw gossip dump (owners, endpoints, revoked token ids) stays
+        // an operator's even under `open_read` (`cluster/inspect.rs`).
+        "gossip" => Need::Operator,
         "environments" => Need::User,
         _ => Need::Operator,
     }
@@ -798,6 +801,8 @@ mod tests {
             ("POST", "/v1/images", Operator),
             ("GET", "/v1/cluster", ClusterRead),
             ("GET", "/v1/node", ClusterRead),
+            ("GET", "/v1/gossip", Operator),
+            ("GET", "/v1/images/demo:1/progress", Read),
             ("POST", "/v1/node", Operator),
             ("GET", "/v1/environments", User),
             ("POST", "/v1/environments", User),

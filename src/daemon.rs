@@ -247,6 +247,7 @@ pub async fn run(
         shutdown: stopping.clone(),
         store_probe: Default::default(),
         auth: authority.clone(),
+        publishing: Default::default(),
     });
 
     // Engine health: pings the engine, publishes its state (admission,

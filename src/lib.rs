@@ -27,6 +27,7 @@ pub mod model;
 pub mod openapi;
 pub mod peer_auth;
 pub mod placement;
+pub mod publishing;
 pub mod reaper;
 pub mod revocations;
 pub mod routing;

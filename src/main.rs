@@ -15,6 +15,9 @@ use shoal::config::Config;
 use shoal::model::{EnvRecord, EnvStatus, ImageInfo, NodeInfo};
 use shoal::units::format_size;
 
+mod cli;
+use cli::print_table;
+
 #[derive(Parser)]
 #[command(
     name = "shoal",
@@ -49,6 +52,10 @@ enum Cmd {
         source: String,
         /// `name:build` to publish it as.
         image_ref: String,
+        /// Print the published build as JSON (progress stays on stderr,
+        /// as plain lines).
+        #[arg(long)]
+        json: bool,
     },
     /// List published builds.
     Images {
@@ -72,9 +79,13 @@ enum Cmd {
         /// Environment variables, `KEY=VALUE`, repeatable.
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
-        /// Wait until it is ready (or failed) and print it then.
+        /// Wait until it is ready (or failed) and print it then; shows
+        /// its progress on stderr (a bar on a terminal, else lines).
         #[arg(long)]
         wait: bool,
+        /// Print the record as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List environments.
     Envs {
@@ -100,6 +111,24 @@ enum Cmd {
     Cluster {
         #[arg(long)]
         json: bool,
+    },
+    /// The node's raw gossip state: every member its chitchat holds
+    /// (generation, address, alive/dead/left, heartbeat, last seen, phi)
+    /// and every key with its version, the tombstones, the bytes of state.
+    Gossip {
+        #[arg(long)]
+        json: bool,
+        /// Keep polling and print only what changes (members, liveness,
+        /// keys), one line each.
+        #[arg(long)]
+        watch: bool,
+        /// Between polls with --watch, e.g. `1s`.
+        #[arg(long, default_value = "1s")]
+        interval: String,
+        /// Stop watching after this long, e.g. `10m` (default: until
+        /// interrupted).
+        #[arg(long = "for")]
+        limit: Option<String>,
     },
     /// Where a request would be placed and why, placing nothing.
     Placement {
@@ -540,10 +569,17 @@ async fn client_cmd(node: &str, token: Option<&str>, cmd: Cmd) -> Result<()> {
         Cmd::Daemon(_) | Cmd::Key(_) | Cmd::Token(_) | Cmd::Bootstrap(_) => {
             unreachable!("handled in main")
         }
-        Cmd::Publish { source, image_ref } => {
-            let img: ImageInfo = client
-                .post("/v1/images", &json!({"source": source, "ref": image_ref}))
-                .await?;
+        Cmd::Publish {
+            source,
+            image_ref,
+            json,
+        } => {
+            let mode = cli::progress::Mode::here(json);
+            let img = cli::progress::publish(&client, &source, &image_ref, mode).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&img)?);
+                return Ok(());
+            }
             println!(
                 "published {} ({} layers, {} uncompressed, {} in the store)",
                 img.image_ref,
@@ -592,6 +628,7 @@ async fn client_cmd(node: &str, token: Option<&str>, cmd: Cmd) -> Result<()> {
             aio,
             env,
             wait,
+            json,
         } => {
             let mut body = json!({"image": image});
             if let Some(o) = owner {
@@ -608,15 +645,14 @@ async fn client_cmd(node: &str, token: Option<&str>, cmd: Cmd) -> Result<()> {
             }
             let mut rec: EnvRecord = client.post("/v1/environments", &body).await?;
             if wait {
-                while matches!(
-                    rec.status,
-                    EnvStatus::Pending | EnvStatus::Loading | EnvStatus::Starting
-                ) {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    rec = client.get(&format!("/v1/environments/{}", rec.id)).await?;
-                }
+                rec =
+                    cli::progress::wait_env(&client, rec, cli::progress::Mode::here(json)).await?;
             }
-            print_env(&rec);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rec)?);
+            } else {
+                print_env(&rec);
+            }
             if rec.status == EnvStatus::Failed {
                 bail!("environment {} failed", rec.id);
             }
@@ -695,76 +731,27 @@ async fn client_cmd(node: &str, token: Option<&str>, cmd: Cmd) -> Result<()> {
             let v: serde_json::Value = client.get("/v1/cluster").await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
-                return Ok(());
+            } else {
+                print!("{}", cli::cluster::render(&v));
             }
-            let empty = vec![];
-            let rows = v["nodes"]
-                .as_array()
-                .unwrap_or(&empty)
-                .iter()
-                .map(|n| {
-                    let f = &n["facts"];
-                    let state = if n["left"] == true {
-                        "left"
-                    } else if n["alive"] != true {
-                        "DEAD"
-                    } else if f["draining"] == true {
-                        "draining"
-                    } else {
-                        "alive"
-                    };
-                    let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
-                    let labels = f["labels"]
-                        .as_object()
-                        .map(|m| {
-                            m.iter()
-                                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
-                        .unwrap_or_default();
-                    let roles = f["roles"]
-                        .as_array()
-                        .map(|r| {
-                            r.iter()
-                                .filter_map(|x| x.as_str())
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
-                        .unwrap_or_default();
-                    vec![
-                        format!(
-                            "{}{}",
-                            n["name"].as_str().unwrap_or("?"),
-                            if n["is_self"] == true { "*" } else { "" }
-                        ),
-                        state.to_string(),
-                        f["http_addr"].as_str().unwrap_or("-").to_string(),
-                        if roles.is_empty() {
-                            "all".into()
-                        } else {
-                            roles
-                        },
-                        labels,
-                        format!(
-                            "{}/{}",
-                            format_size(num(&f["memory_committed"])),
-                            format_size(num(&f["memory_allocatable"]))
-                        ),
-                        format!("{}/{}", num(&f["aio_committed"]), num(&f["aio_max"])),
-                        format!("{}/{}", num(&f["env_count"]), num(&f["max_envs"])),
-                        f["layers"].as_array().map_or(0, |l| l.len()).to_string(),
-                        f["storage_driver"].as_str().unwrap_or("-").to_string(),
-                    ]
-                })
-                .collect();
-            print_table(
-                &[
-                    "NODE", "STATE", "HTTP", "ROLES", "LABELS", "MEMORY", "AIO", "ENVS", "LAYERS",
-                    "DRIVER",
-                ],
-                rows,
-            );
+        }
+        Cmd::Gossip {
+            json,
+            watch,
+            interval,
+            limit,
+        } => {
+            let opts = cli::gossip::Options {
+                json,
+                watch,
+                interval: shoal::units::parse_duration(&interval)
+                    .context("--interval")?
+                    .max(Duration::from_millis(100)),
+                limit: limit
+                    .map(|l| shoal::units::parse_duration(&l).context("--for"))
+                    .transpose()?,
+            };
+            cli::gossip::run(&client, opts).await?;
         }
         Cmd::Placement {
             image,
@@ -949,26 +936,4 @@ fn fmt_time(t: time::OffsetDateTime) -> String {
         .unwrap_or(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
-}
-
-/// Prints rows as an aligned table.
-fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        println!("{}", s.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for r in &rows {
-        line(r.iter().map(String::as_str).collect());
-    }
 }

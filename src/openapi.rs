@@ -35,6 +35,8 @@ use crate::store::Requirements;
         crate::api::extend_env,
         crate::web::sse::events,
         crate::api::cluster,
+        crate::api::gossip::gossip,
+        crate::api::gossip::publish_progress,
         crate::api::workers,
         crate::api::placement,
         crate::api::list_builds,
@@ -61,6 +63,12 @@ use crate::store::Requirements;
         crate::model::TokenIssued,
         crate::model::RevokeRequest,
         crate::model::Revoked,
+        crate::cluster::inspect::GossipState,
+        crate::cluster::inspect::Member,
+        crate::cluster::inspect::MemberStatus,
+        crate::cluster::inspect::KeyEntry,
+        crate::cluster::inspect::Tombstone,
+        crate::publishing::PublishProgress,
     ))
 )]
 pub struct ApiDoc;

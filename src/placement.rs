@@ -276,6 +276,8 @@ mod tests {
             gossip_addr: "127.0.0.1:7946".parse().unwrap(),
             heartbeat: 10,
             last_seen: None,
+            phi: None,
+            state_bytes: 0,
         }
     }
 

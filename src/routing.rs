@@ -502,6 +502,11 @@ impl Cluster {
         }
     }
 
+    /// The raw gossip state (`GET /v1/gossip`); `None` after shutdown.
+    pub async fn gossip_state(&self) -> Option<crate::cluster::inspect::GossipState> {
+        Some(self.gossip.lock().await.as_ref()?.state().await)
+    }
+
     /// The latest view without waiting for the gossip lock.
     pub fn view(&self) -> ClusterView {
         self.view.borrow().clone()

@@ -46,6 +46,20 @@ pub async fn publish_derived(
     hint: PublishHint,
     base: Option<ImageRef>,
 ) -> Result<(Manifest, PublishStats), StoreError> {
+    publish_counted(engine, store, source, r, hint, base, None).await
+}
+
+/// [`publish_derived`], adding the bytes of the save stream to `counter`
+/// as they are read (`publishing.rs`: the progress of `shoal publish`).
+pub async fn publish_counted(
+    engine: &Engine,
+    store: &Store,
+    source: &str,
+    r: &ImageRef,
+    hint: PublishHint,
+    base: Option<ImageRef>,
+    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+) -> Result<(Manifest, PublishStats), StoreError> {
     store.writable()?;
     // A pump reads the save stream ahead into a deep buffer, so the engine
     // keeps writing while the blocking side hashes and compresses: without
@@ -54,6 +68,9 @@ pub async fn publish_derived(
     let mut export = engine.export(source).map_err(std::io::Error::other).boxed();
     let pump = tokio::spawn(async move {
         while let Some(item) = export.next().await {
+            if let (Some(c), Ok(chunk)) = (&counter, &item) {
+                c.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             let failed = item.is_err();
             if tx.send(item).await.is_err() || failed {
                 break;

@@ -414,6 +414,23 @@ mod tests {
                 false,
                 Err(401),
             ),
+            // `--open-read` opens no operator route (`GET /v1/gossip`).
+            (
+                "tester on an operator route, open_read",
+                Need::Operator,
+                false,
+                h(&format!("Bearer {tester}")),
+                true,
+                Err(403),
+            ),
+            (
+                "nobody on an operator route, open_read",
+                Need::Operator,
+                false,
+                none.clone(),
+                true,
+                Err(401),
+            ),
         ];
         for (name, need, peer, headers, open_read, want) in cases {
             let got = decide(need, peer, None, &headers, None, open_read, check);

@@ -12,7 +12,9 @@
 //! [`GossipConfig::dead_node_grace_period`] so that their environments can
 //! be shown `lost` rather than vanish. Nothing here ever moves work.
 
+pub mod inspect;
 pub mod keys;
+pub mod phi;
 pub mod seal;
 pub mod wire;
 
@@ -138,7 +140,7 @@ impl GossipConfig {
             failure_detector_config: FailureDetectorConfig {
                 phi_threshold: self.phi_threshold,
                 sampling_window_size: 1000,
-                max_interval: Duration::from_secs(10),
+                max_interval: phi::MAX_INTERVAL,
                 initial_interval: self.initial_interval,
                 dead_node_grace_period: self.dead_node_grace_period,
             },
@@ -190,6 +192,11 @@ pub struct NodeView {
     /// until observed once.
     #[serde(serialize_with = "ser_opt_secs")]
     pub last_seen: Option<Duration>,
+    /// Phi of the failure detector as observed here ([`phi`]); `None`
+    /// for this node and until two heartbeats were seen.
+    pub phi: Option<f64>,
+    /// Bytes of its gossiped keys and values ([`inspect::state_bytes`]).
+    pub state_bytes: u64,
 }
 
 impl NodeView {
@@ -229,21 +236,25 @@ impl ClusterView {
         for n in &mut v.nodes {
             n.heartbeat = 0;
             n.last_seen = None;
+            n.phi = None;
         }
         v
     }
 }
 
-/// When each node's heartbeat last advanced, as observed here. Shared by
-/// [`Gossip::view`] and the observer task; a std mutex because it is held
-/// only for map updates, never across an await.
-type SeenMap = Arc<Mutex<HashMap<ChitchatId, (u64, Instant)>>>;
+/// When each node's heartbeat advanced, as observed here (for `last_seen`
+/// and `phi`). Shared by [`Gossip::view`] and the observer task; a
+/// parking_lot mutex because it is held only for map updates, never across
+/// an await.
+type SeenMap = Arc<Mutex<HashMap<ChitchatId, phi::HeartbeatWindow>>>;
 
 /// A running gossip member.
 pub struct Gossip {
     handle: ChitchatHandle,
     self_id: ChitchatId,
     gossip_interval: Duration,
+    /// The failure detector's prior mean interval (for `phi`).
+    prior: Duration,
     seen: SeenMap,
     changes: watch::Receiver<ClusterView>,
     /// The observer: every gossip round it records heartbeats (for
@@ -281,20 +292,21 @@ impl Gossip {
         let chitchat = handle.chitchat();
         let first = {
             let guard = chitchat.lock().await;
-            build_view(&guard, &self_id, &seen)
+            build_view(&guard, &self_id, &seen, cfg.initial_interval)
         };
         let (tx, changes) = watch::channel(first);
         let observer = tokio::spawn(observe(
             chitchat,
             self_id.clone(),
             seen.clone(),
-            cfg.gossip_interval,
+            (cfg.gossip_interval, cfg.initial_interval),
             tx,
         ));
         Ok(Gossip {
             handle,
             self_id,
             gossip_interval: cfg.gossip_interval,
+            prior: cfg.initial_interval,
             seen,
             changes,
             observer,
@@ -382,7 +394,17 @@ impl Gossip {
     pub async fn view(&self) -> ClusterView {
         let chitchat = self.handle.chitchat();
         let guard = chitchat.lock().await;
-        build_view(&guard, &self.self_id, &self.seen)
+        build_view(&guard, &self.self_id, &self.seen, self.prior)
+    }
+
+    /// The raw gossip state: every member chitchat holds, with its keys,
+    /// versions and tombstones (`GET /v1/gossip`).
+    pub async fn state(&self) -> inspect::GossipState {
+        let chitchat = self.handle.chitchat();
+        let guard = chitchat.lock().await;
+        // Read the heartbeats first, so last_seen and phi are fresh.
+        build_view(&guard, &self.self_id, &self.seen, self.prior);
+        inspect::build(&guard, &self.self_id, &self.seen, self.prior)
     }
 
     /// A stream of views: a new value whenever a node joins, dies, comes
@@ -423,7 +445,7 @@ async fn observe(
     chitchat: Arc<tokio::sync::Mutex<Chitchat>>,
     self_id: ChitchatId,
     seen: SeenMap,
-    every: Duration,
+    (every, prior): (Duration, Duration),
     tx: watch::Sender<ClusterView>,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -431,7 +453,7 @@ async fn observe(
         tick.tick().await;
         let view = {
             let guard = chitchat.lock().await;
-            build_view(&guard, &self_id, &seen)
+            build_view(&guard, &self_id, &seen, prior)
         };
         tx.send_if_modified(|old| {
             if old.without_clock() == view.without_clock() {
@@ -444,7 +466,12 @@ async fn observe(
     }
 }
 
-fn build_view(chitchat: &Chitchat, self_id: &ChitchatId, seen: &SeenMap) -> ClusterView {
+fn build_view(
+    chitchat: &Chitchat,
+    self_id: &ChitchatId,
+    seen: &SeenMap,
+    prior: Duration,
+) -> ClusterView {
     let now = Instant::now();
     let live: HashSet<&ChitchatId> = chitchat.live_nodes().collect();
     let mut seen = seen.lock();
@@ -466,14 +493,14 @@ fn build_view(chitchat: &Chitchat, self_id: &ChitchatId, seen: &SeenMap) -> Clus
             let state = chitchat.node_state(id)?;
             let heartbeat = u64::from(state.heartbeat());
             let is_self = id == self_id;
-            let last_seen = if is_self {
-                Some(Duration::ZERO)
+            let (last_seen, phi) = if is_self {
+                (Some(Duration::ZERO), None)
             } else {
-                let entry = seen.entry(id.clone()).or_insert((heartbeat, now));
-                if entry.0 != heartbeat {
-                    *entry = (heartbeat, now);
-                }
-                Some(now.duration_since(entry.1))
+                let w = seen
+                    .entry(id.clone())
+                    .or_insert_with(|| phi::HeartbeatWindow::new(heartbeat, now));
+                w.observe(heartbeat, now);
+                (Some(w.last_seen(now)), w.phi(now, prior))
             };
             let (facts, facts_error) = match keys::from_kv(state.key_values()) {
                 Ok(f) => (Some(f), None),
@@ -494,6 +521,8 @@ fn build_view(chitchat: &Chitchat, self_id: &ChitchatId, seen: &SeenMap) -> Clus
                 gossip_addr: id.gossip_advertise_addr,
                 heartbeat,
                 last_seen,
+                phi,
+                state_bytes: inspect::state_bytes(state),
             })
         })
         .collect();

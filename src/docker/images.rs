@@ -24,6 +24,8 @@ pub struct ImageFacts {
     pub diff_ids: Vec<Digest>,
     pub labels: HashMap<String, String>,
     pub tags: Vec<String>,
+    /// The engine's size of the image (its uncompressed layers), bytes.
+    pub size: u64,
 }
 impl Engine {
     /// The image `reference` (tag or id), or `None` when the engine lacks it.
@@ -48,6 +50,7 @@ impl Engine {
                     diff_ids,
                     labels: img.config.and_then(|c| c.labels).unwrap_or_default(),
                     tags: img.repo_tags.unwrap_or_default(),
+                    size: img.size.map_or(0, |s| s.max(0) as u64),
                 }))
             }
             Err(e) if is_not_found(&e) => Ok(None),

@@ -664,6 +664,8 @@ mod tests {
             gossip_addr: "127.0.0.1:1".parse().unwrap(),
             heartbeat: 0,
             last_seen: None,
+            phi: None,
+            state_bytes: 0,
         };
         let view = |me: &str, dead_left: bool| ClusterView {
             self_name: me.into(),

@@ -694,7 +694,7 @@ pub fn cluster(
     out.push_str(
         "<div class=\"scroll\"><table class=\"nodes\"><thead><tr><th>Node</th><th>State</th><th>HTTP</th>\
          <th>Memory committed</th><th>Envs</th><th>AIO committed</th><th>Storage</th><th>Last seen</th>\
-         <th>Version</th></tr></thead><tbody>\n",
+         <th>Heartbeat</th><th>Phi</th><th>Gossip state</th><th>Version</th></tr></thead><tbody>\n",
     );
     for n in &view.nodes {
         let state = if n.left {
@@ -725,12 +725,19 @@ pub fn cluster(
             .last_seen
             .map(|d| format!("{:.0}s ago", d.as_secs_f64()))
             .unwrap_or_else(|| "—".into());
+        // Numbers only: nothing here needs escaping.
+        let gossip = format!(
+            "<td>{}</td><td>{}</td><td>{} B</td>",
+            n.heartbeat,
+            n.phi.map_or_else(|| "—".to_string(), |p| format!("{p:.1}")),
+            n.state_bytes
+        );
         match &n.facts {
             Some(f) => {
                 let _ = writeln!(
                     out,
                     "<tr{class}><td>{}{me}</td><td><b>{state}</b></td><td>{}</td><td>{} of {}</td>\
-                     <td>{} of {}</td><td>{} of {}</td><td>{}</td><td>{seen}</td><td>{}</td></tr>",
+                     <td>{} of {}</td><td>{} of {}</td><td>{}</td><td>{seen}</td>{gossip}<td>{}</td></tr>",
                     esc(&n.name),
                     match &n.http_error {
                         None => esc(&f.http_addr),
@@ -753,7 +760,7 @@ pub fn cluster(
             None => {
                 let _ = writeln!(
                     out,
-                    "<tr{class}><td>{}{me}</td><td><b>{state}</b></td><td colspan=\"6\">facts unreadable: {}</td><td>{seen}</td></tr>",
+                    "<tr{class}><td>{}{me}</td><td><b>{state}</b></td><td colspan=\"6\">facts unreadable: {}</td><td>{seen}</td>{gossip}</tr>",
                     esc(&n.name),
                     esc(n.facts_error.as_deref().unwrap_or("none yet"))
                 );
@@ -1018,14 +1025,21 @@ mod tests {
             gossip_addr: "127.0.0.1:7946".parse().unwrap(),
             heartbeat: 1,
             last_seen: None,
+            phi: None,
+            state_bytes: 0,
         };
         let mut frozen = node("n3", true);
         if let Some(f) = frozen.facts.as_mut() {
             f.engine = crate::cluster::keys::EngineState::Hung;
         }
+        let mut dead = node("n2", false);
+        dead.last_seen = Some(Duration::from_secs(42));
+        dead.heartbeat = 17;
+        dead.phi = Some(63.84);
+        dead.state_bytes = 640;
         let view = ClusterView {
             self_name: "n1".into(),
-            nodes: vec![node("n1", true), node("n2", false), frozen],
+            nodes: vec![node("n1", true), dead, frozen],
         };
         let mut lost = rec(EnvStatus::Lost);
         lost.node = "n2".into();
@@ -1048,6 +1062,11 @@ mod tests {
             "{html}"
         );
         assert!(html.contains("<tr class=\"lost\">"), "{html}");
+        // The gossip detail: last seen, heartbeat, phi, state bytes.
+        assert!(
+            html.contains("<td>42s ago</td><td>17</td><td>63.8</td><td>640 B</td>"),
+            "{html}"
+        );
         assert!(
             html.contains("<tr class=\"warn\"><td>n3</td><td><b>engine hung</b>"),
             "{html}"
