@@ -457,7 +457,7 @@ impl Authority {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     /// Nothing: `/healthz`, the OpenAPI document, and every path outside
-    /// `/v1/` (the web page, which signs in on its own).
+    /// `/v1/` but `/metrics` (the web page, which signs in on its own).
     Open,
     /// A token of any role, or none with `open_read`: the catalog and
     /// `/metrics`.

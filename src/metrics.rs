@@ -604,6 +604,64 @@ shoal_y_total 1
     }
 
     #[test]
+    fn envs_are_counted_by_status_with_every_status_shown() {
+        let rec = |status| {
+            let s = crate::cluster::keys::EnvSummary {
+                id: "e1".into(),
+                image: "demo:1".into(),
+                owner: "a@example.com".into(),
+                status: "ready".into(),
+                memory: 1 << 20,
+                endpoints: vec![],
+            };
+            let mut r = crate::routing::lost_record("n1", &s);
+            r.status = status;
+            r
+        };
+        let m = envs_by_status(&[
+            rec(EnvStatus::Ready),
+            rec(EnvStatus::Ready),
+            rec(EnvStatus::Failed),
+        ]);
+        assert_eq!(m.len(), 7);
+        assert_eq!(m["ready"], 2);
+        assert_eq!(m["failed"], 1);
+        assert_eq!(m["pending"], 0);
+    }
+
+    #[test]
+    fn members_are_alive_dead_or_left() {
+        let node = |name: &str, alive, left| crate::cluster::NodeView {
+            name: name.into(),
+            facts: None,
+            facts_error: None,
+            http_error: None,
+            alive,
+            left,
+            is_self: false,
+            generation: 1,
+            gossip_addr: "127.0.0.1:7946".parse().unwrap(),
+            heartbeat: 1,
+            last_seen: None,
+        };
+        let view = ClusterView {
+            self_name: "a".into(),
+            nodes: vec![
+                node("a", true, false),
+                node("b", false, false),
+                node("c", false, true),
+                node("d", true, true),
+                node("e", true, false),
+            ],
+        };
+        let m = members_by_state(&view);
+        assert_eq!(
+            m.into_iter().collect::<Vec<_>>(),
+            [("alive", 2), ("dead", 1), ("left", 2)]
+        );
+    }
+
+    #[test]
     fn methods_are_bounded() {
         for (m, want) in [
             ("GET", "GET"),
