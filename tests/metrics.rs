@@ -4,7 +4,8 @@
 //! missing promtool fails the test), and each series moves when its event
 //! happens: a request, a refused placement, an environment loaded from the
 //! store and started, a load broken by a corrupted layer, a mail the SMTP
-//! server does not take, a bad gossip datagram, a member that dies.
+//! server does not take, a build that fails, a bad gossip datagram, a
+//! member that dies.
 
 mod common;
 
@@ -211,6 +212,14 @@ async fn metrics_are_valid_and_move_with_their_events() -> Result<()> {
         format!("smtp://127.0.0.1:{}", l.local_addr()?.port())
     };
     let gossip_fast = ["--gossip-interval", "200ms", "--phi-threshold", "3"];
+    // Node A watches a drop directory (a build node); no recipe is there.
+    let (drop_dir, recipes) = (tmp.path().join("drop"), tmp.path().join("recipes"));
+    std::fs::create_dir_all(&drop_dir)?;
+    std::fs::create_dir_all(&recipes)?;
+    let (d, r) = (
+        drop_dir.display().to_string(),
+        recipes.display().to_string(),
+    );
     let mut a_args = vec![
         "--cluster-id",
         &cluster,
@@ -220,6 +229,7 @@ async fn metrics_are_valid_and_move_with_their_events() -> Result<()> {
         "rack=a",
     ];
     a_args.extend(gossip_fast);
+    a_args.extend(["--drop", &d, "--recipes", &r, "--build-rescan", "1s"]);
     let a = Node::start(&a_name, &tmp.path().join("a"), &store_dir, &a_args).await?;
     let seed = a.gossip.clone();
     let mut b_args = vec![
@@ -243,6 +253,14 @@ async fn metrics_are_valid_and_move_with_their_events() -> Result<()> {
     if let Some(findings) = promtool_check(&before.text)? {
         eprintln!("promtool check metrics: ok {findings}");
     }
+    assert_eq!(before.get("shoal_builds", &[("status", "failed")]), 0.0);
+
+    // A build without a recipe: recorded failed (checked below).
+    let product = unique("norecipe");
+    let build = drop_dir.join(&product).join("1");
+    std::fs::create_dir_all(&build)?;
+    std::fs::write(build.join("VERSION"), "1\n")?;
+    std::fs::write(build.join("BUILD_COMPLETE"), b"")?;
 
     // Gossip: both members alive (as node A sees them).
     let s = scrape_until(&tester, Duration::from_secs(30), "two members alive", |s| {
@@ -384,6 +402,12 @@ async fn metrics_are_valid_and_move_with_their_events() -> Result<()> {
         f0 + 1.0
     );
     assert_eq!(s.get("shoal_environments", &[("status", "failed")]), 1.0);
+
+    // The build dropped at the start failed (no recipe).
+    scrape_until(&tester, Duration::from_secs(30), "a failed build", |s| {
+        s.get("shoal_builds", &[("status", "failed")]) == 1.0
+    })
+    .await?;
 
     // A bad gossip datagram: not sealed, dropped unopened.
     let unsealed = [("reason", "unsealed")];
