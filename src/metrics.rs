@@ -404,6 +404,7 @@ pub fn dropped_by_reason(c: &SealCounters) -> BTreeMap<&'static str, u64> {
         ("replay", c.dropped_replay),
         ("unsealed", c.dropped_unsealed),
         ("malformed", c.dropped_malformed),
+        ("oversize", c.dropped_oversize),
     ])
 }
 
@@ -505,7 +506,7 @@ impl Collector for Snapshot {
         counters(
             &mut encoder,
             "shoal_gossip_datagrams_dropped",
-            "Gossip datagrams the sealing transport dropped, by reason",
+            "Gossip datagrams the sealing transport dropped, by reason (oversize: a message too large to send)",
             self.datagrams_dropped
                 .iter()
                 .map(|(r, n)| ([("reason", *r)], *n)),
@@ -681,6 +682,7 @@ shoal_y_total 1
             dropped_replay: 2,
             dropped_unsealed: 3,
             dropped_malformed: 4,
+            dropped_oversize: 5,
             opened: 99,
             ..Default::default()
         };
@@ -690,6 +692,7 @@ shoal_y_total 1
             [
                 ("bad_auth", 1),
                 ("malformed", 4),
+                ("oversize", 5),
                 ("replay", 2),
                 ("unsealed", 3)
             ]
