@@ -23,6 +23,7 @@
 //! - `GET  /v1/environments/{id}/events` server-sent events (`web/sse.rs`)
 //! - `GET  /v1/openapi.json`          this API's OpenAPI 3 document (`openapi.rs`)
 //! - `GET  /healthz`                  `ok`
+//! - `GET  /metrics`                  Prometheus metrics (`api/metrics.rs`)
 //! - the web page at `/` (`web/`)
 //!
 //! Every request passes [`guard`] (`api/guard.rs`): it gets a request id (`x-request-id`,
@@ -69,6 +70,7 @@ use crate::store::{ImageRef, PublishHint, StoreError};
 pub mod authn;
 pub mod gossip;
 pub mod guard;
+pub mod metrics;
 
 pub use authn::Caller;
 
@@ -360,6 +362,7 @@ async fn admit_call(
 pub fn router(state: Arc<AppState>) -> Router {
     let r = Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics::scrape))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/node", get(node))
         .route("/v1/images", get(list_images).post(publish))
@@ -403,6 +406,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                 Arc::new(move || cluster.peer_policy()) as PolicySource
             },
             peer_gate,
+        ))
+        // Outermost of the router's layers: every answer, the gates' too,
+        // with its route template (`api/metrics.rs`).
+        .layer(axum::middleware::from_fn_with_state(
+            state.envs.metrics().clone(),
+            metrics::record,
         ))
         .with_state(state);
     guard::guarded(r, MAX_IN_FLIGHT)

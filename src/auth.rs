@@ -457,9 +457,10 @@ impl Authority {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     /// Nothing: `/healthz`, the OpenAPI document, and every path outside
-    /// `/v1/` (the web page, which signs in on its own).
+    /// `/v1/` but `/metrics` (the web page, which signs in on its own).
     Open,
-    /// A token of any role, or none with `open_read`: the catalog.
+    /// A token of any role, or none with `open_read`: the catalog and
+    /// `/metrics`.
     Read,
     /// An operator's token, or any caller with `open_read`: the cluster
     /// view (`/v1/cluster`, `/v1/node`).
@@ -473,6 +474,9 @@ pub enum Need {
 /// Who may call `method path` (before any handler runs). Unknown `/v1/`
 /// paths need a token (they answer 404 after it).
 pub fn need(method: &str, path: &str) -> Need {
+    if path == "/metrics" {
+        return Need::Read;
+    }
     let Some(rest) = path.strip_prefix("/v1/") else {
         return Need::Open;
     };
@@ -791,6 +795,8 @@ mod tests {
         use Need::*;
         let cases = [
             ("GET", "/healthz", Open),
+            ("GET", "/metrics", Read),
+            ("GET", "/metrics/x", Open),
             ("GET", "/v1/openapi.json", Open),
             ("GET", "/", Open),
             ("POST", "/envs", Open),

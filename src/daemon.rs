@@ -106,7 +106,11 @@ pub async fn run(
     opts: RunOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    let engine = Engine::connect().await?;
+    // One metrics handle for the node: the engine carries it to whoever
+    // holds the engine (`metrics.rs`).
+    let engine = Engine::connect()
+        .await?
+        .with_metrics(crate::metrics::Metrics::new());
     let info = engine.info().await?;
     info!(
         node = %settings.name,

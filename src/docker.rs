@@ -109,6 +109,8 @@ pub struct EngineInfo {
 #[derive(Debug, Clone)]
 pub struct Engine {
     docker: bollard::Docker,
+    /// Where each call's latency and errors are counted (`metrics.rs`).
+    metrics: crate::metrics::Metrics,
 }
 
 impl Engine {
@@ -144,24 +146,41 @@ impl Engine {
         let docker = within("version", limits::QUICK, docker.negotiate_version())
             .await?
             .map_err(|e| DockerError::Connect(e.to_string()))?;
-        let engine = Engine { docker };
+        let engine = Engine {
+            docker,
+            metrics: Default::default(),
+        };
         engine.ping(limits::QUICK).await?;
         Ok(engine)
     }
 
+    /// This engine, counting its calls (and what its holders record) in
+    /// `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Engine {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The node's metrics handle (see [`Engine::with_metrics`]).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
     /// Pings the engine, waiting at most `limit`.
     pub async fn ping(&self, limit: Duration) -> Result<(), DockerError> {
-        within("ping", limit, self.docker.ping())
+        self.call("ping", limit, self.docker.ping())
             .await?
             .map(|_| ())
             .map_err(api("ping"))
     }
 
     pub async fn info(&self) -> Result<EngineInfo, DockerError> {
-        let info = within("info", limits::QUICK, self.docker.info())
+        let info = self
+            .call("info", limits::QUICK, self.docker.info())
             .await?
             .map_err(api("info"))?;
-        let version = within("version", limits::QUICK, self.docker.version())
+        let version = self
+            .call("version", limits::QUICK, self.docker.version())
             .await?
             .map_err(api("version"))?;
         let driver_status: Vec<(String, String)> = info

@@ -427,6 +427,11 @@ impl Envs {
             .count()
     }
 
+    /// The node's metrics handle (the engine's, `metrics.rs`).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        self.engine.metrics()
+    }
+
     pub fn last_load_bps(&self) -> Option<u64> {
         *self.last_load_bps.lock()
     }

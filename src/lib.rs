@@ -23,6 +23,7 @@ pub mod host;
 pub mod journal;
 pub mod keyring;
 pub mod mail;
+pub mod metrics;
 pub mod model;
 pub mod openapi;
 pub mod peer_auth;

@@ -575,6 +575,9 @@ impl Cluster {
             constraints: req.constraints.clone().unwrap_or_default(),
         };
         let placed = self.placement(&preq, &manifest);
+        for (_, r) in &placed.rejected {
+            self.envs.metrics().placement_refused(r.kind());
+        }
         let mut reasons: Vec<NodeReason> = placed
             .rejected
             .iter()

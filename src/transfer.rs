@@ -60,6 +60,22 @@ pub async fn publish_counted(
     base: Option<ImageRef>,
     counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 ) -> Result<(Manifest, PublishStats), StoreError> {
+    let r = publish_unmetered(engine, store, source, r, hint, base, counter).await;
+    if let Err(e) = &r {
+        engine.metrics().store_error(e.kind());
+    }
+    r
+}
+
+async fn publish_unmetered(
+    engine: &Engine,
+    store: &Store,
+    source: &str,
+    r: &ImageRef,
+    hint: PublishHint,
+    base: Option<ImageRef>,
+    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+) -> Result<(Manifest, PublishStats), StoreError> {
     store.writable()?;
     // A pump reads the save stream ahead into a deep buffer, so the engine
     // keeps writing while the blocking side hashes and compresses: without
@@ -96,7 +112,31 @@ const SAVE_AHEAD_CHUNKS: usize = 1024;
 /// holds their chain), tagged with the image ref's docker tag. `progress`
 /// gets the uncompressed bytes sent so far. A bad layer aborts the upload
 /// before the archive is complete and is reported as the store's error.
+/// Counted in the engine's metrics: bytes, duration and outcome, and the
+/// store's error when it broke the load.
 pub async fn load(
+    engine: &Engine,
+    store: &Store,
+    m: &Manifest,
+    skip: usize,
+    progress: Box<dyn FnMut(u64) + Send>,
+) -> Result<LoadStats, TransferError> {
+    let started = tokio::time::Instant::now();
+    let r = load_unmetered(engine, store, m, skip, progress).await;
+    let metrics = engine.metrics();
+    match &r {
+        Ok(stats) => metrics.image_load(true, stats.bytes_sent, started.elapsed()),
+        Err(e) => {
+            metrics.image_load(false, 0, started.elapsed());
+            if let TransferError::Store(e) = e {
+                metrics.store_error(e.kind());
+            }
+        }
+    }
+    r
+}
+
+async fn load_unmetered(
     engine: &Engine,
     store: &Store,
     m: &Manifest,

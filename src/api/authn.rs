@@ -3,9 +3,9 @@
 //! refused before any handler runs.
 //!
 //! - What a route needs is [`auth::need`] (pure, table-tested): `/healthz`,
-//!   `/v1/openapi.json` and the web page's paths are open; the catalog
-//!   needs a token and the cluster view an operator's, unless the node runs
-//!   with `open_read`;
+//!   `/v1/openapi.json` and the web page's paths are open; the catalog and
+//!   `/metrics` need a token and the cluster view an operator's, unless the
+//!   node runs with `open_read`;
 //!   environments need a token of any role (their handlers check whose
 //!   environment it is); everything else needs an operator.
 //! - No token, or one that does not verify (malformed, another key,

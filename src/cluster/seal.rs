@@ -102,6 +102,10 @@ pub struct SealCounters {
     /// messages with a key chitchat cannot take (non-ASCII first byte), and
     /// fragments that do not fit together.
     pub dropped_malformed: u64,
+    /// Messages too large to send (more than [`MAX_FRAGMENTS`] sealed
+    /// fragments, or an unsealed copy over [`MAX_DATAGRAM`]): not sent.
+    #[serde(default)]
+    pub dropped_oversize: u64,
 }
 
 /// The live counters, shared by the transport and whoever reports them.
@@ -118,6 +122,7 @@ pub struct SealStats {
     dropped_replay: AtomicU64,
     dropped_unsealed: AtomicU64,
     dropped_malformed: AtomicU64,
+    dropped_oversize: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -139,6 +144,7 @@ impl SealStats {
             dropped_replay: g(&self.dropped_replay),
             dropped_unsealed: g(&self.dropped_unsealed),
             dropped_malformed: g(&self.dropped_malformed),
+            dropped_oversize: g(&self.dropped_oversize),
         }
     }
 
@@ -686,12 +692,18 @@ impl Socket for SealSocket {
                     }
                 }
                 None => {
+                    bump(&self.stats.dropped_oversize);
                     tracing::warn!(to = %to, len = out.len(), "gossip message too large to seal: not sent")
                 }
             }
         }
-        if plain_copy && out.len() <= MAX_DATAGRAM {
-            self.send_raw(to, &out.clone(), false).await;
+        if plain_copy {
+            if out.len() <= MAX_DATAGRAM {
+                self.send_raw(to, &out.clone(), false).await;
+            } else {
+                bump(&self.stats.dropped_oversize);
+                tracing::warn!(to = %to, len = out.len(), "gossip message over one datagram: unsealed copy not sent");
+            }
         }
         self.out = out;
         Ok(())

@@ -103,6 +103,48 @@ pub(super) async fn within<T>(
         .map_err(|_| DockerError::Timeout { op, after: limit })
 }
 
+impl super::Engine {
+    /// [`within`], with the call's latency and error kind counted in the
+    /// node's metrics (`shoal_engine_call_*`): every bounded engine call
+    /// goes through here.
+    pub(super) async fn call<T>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        call: impl Future<Output = Result<T, bollard::errors::Error>>,
+    ) -> Result<Result<T, bollard::errors::Error>, DockerError> {
+        let started = tokio::time::Instant::now();
+        let r = within(op, limit, call).await;
+        self.metrics
+            .engine_call(op, started.elapsed(), error_kind(&r));
+        r
+    }
+}
+
+/// What kind of failure a bounded call's result is, for the metrics:
+/// `timeout` (no answer in time), `unreachable` (nothing listens),
+/// `not_found` (the engine answered 404, often expected), `refused` (any
+/// other answer no); `None` when it succeeded.
+pub(super) fn error_kind<T>(
+    r: &Result<Result<T, bollard::errors::Error>, DockerError>,
+) -> Option<&'static str> {
+    use bollard::errors::Error as B;
+    match r {
+        Ok(Ok(_)) => None,
+        Err(_) => Some("timeout"),
+        Ok(Err(e)) => Some(match transport_failure(e) {
+            Some(NoAnswer::Hung) => "timeout",
+            Some(NoAnswer::Unreachable(_)) => "unreachable",
+            None => match e {
+                B::DockerResponseServerError {
+                    status_code: 404, ..
+                } => "not_found",
+                _ => "refused",
+            },
+        }),
+    }
+}
+
 /// A stream that fails when its next item takes longer than `first` (the
 /// first item) or `idle` (every later one).
 pub(super) fn idle_bounded<S>(
@@ -148,6 +190,45 @@ pub(super) async fn collect_within<S: Stream + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn error_kinds() {
+        use bollard::errors::Error as B;
+        type R = Result<Result<(), B>, super::DockerError>;
+        let answer = |code| -> R {
+            Ok(Err(B::DockerResponseServerError {
+                status_code: code,
+                message: "no".into(),
+            }))
+        };
+        let cases: Vec<(&str, R, Option<&str>)> = vec![
+            ("ok", Ok(Ok(())), None),
+            (
+                "timed out",
+                Err(super::DockerError::Timeout {
+                    op: "ping",
+                    after: std::time::Duration::from_secs(1),
+                }),
+                Some("timeout"),
+            ),
+            (
+                "client timeout",
+                Ok(Err(B::RequestTimeoutError)),
+                Some("timeout"),
+            ),
+            (
+                "no socket",
+                Ok(Err(B::SocketNotFoundError("/x".into()))),
+                Some("unreachable"),
+            ),
+            ("404", answer(404), Some("not_found")),
+            ("409", answer(409), Some("refused")),
+            ("500", answer(500), Some("refused")),
+        ];
+        for (name, r, want) in cases {
+            assert_eq!(super::error_kind(&r), want, "{name}");
+        }
+    }
+
     use super::*;
     use bollard::errors::Error as B;
 

@@ -12,7 +12,7 @@ use bollard::query_parameters::{
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use super::bounds::{collect_within, within};
+use super::bounds::collect_within;
 use super::{api, limits, DockerError, Engine};
 
 impl Engine {
@@ -118,13 +118,14 @@ impl Engine {
                 }
             }
         }
-        let c = within(
-            "inspect container",
-            limits::QUICK,
-            self.docker.inspect_container(id, None),
-        )
-        .await?
-        .map_err(api("inspect container"))?;
+        let c = self
+            .call(
+                "inspect container",
+                limits::QUICK,
+                self.docker.inspect_container(id, None),
+            )
+            .await?
+            .map_err(api("inspect container"))?;
         let state = c.state.unwrap_or_default();
         if state.running.unwrap_or(false) {
             return Err(DockerError::Build(format!("container {id} still runs")));
@@ -161,13 +162,14 @@ impl Engine {
         repo: &str,
         tag: &str,
     ) -> Result<String, DockerError> {
-        let img = within(
-            "inspect image",
-            limits::QUICK,
-            self.docker.inspect_image(like),
-        )
-        .await?
-        .map_err(api("inspect image"))?;
+        let img = self
+            .call(
+                "inspect image",
+                limits::QUICK,
+                self.docker.inspect_image(like),
+            )
+            .await?
+            .map_err(api("inspect image"))?;
         let c = img.config.unwrap_or_default();
         let config = bollard::models::ContainerConfig {
             user: c.user,
@@ -193,13 +195,14 @@ impl Engine {
             pause: true,
             ..Default::default()
         };
-        let done = within(
-            "commit container",
-            limits::COMMIT,
-            self.docker.commit_container(opts, config),
-        )
-        .await?
-        .map_err(api("commit container"))?;
+        let done = self
+            .call(
+                "commit container",
+                limits::COMMIT,
+                self.docker.commit_container(opts, config),
+            )
+            .await?
+            .map_err(api("commit container"))?;
         Ok(done.id)
     }
 }

@@ -10,7 +10,7 @@ use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
 };
 
-use super::bounds::{collect_within, within};
+use super::bounds::collect_within;
 use super::{api, is_not_found, labels, limits, DockerError, Engine};
 
 /// A container to create for an environment.
@@ -82,26 +82,28 @@ impl Engine {
         name: &str,
         body: ContainerCreateBody,
     ) -> Result<String, DockerError> {
-        let created = within(
-            "create container",
-            limits::CHANGE,
-            self.docker.create_container(
-                Some(CreateContainerOptions {
-                    name: Some(name.to_string()),
-                    platform: String::new(),
-                }),
-                body,
-            ),
-        )
-        .await?
-        .map_err(api("create container"))?;
-        let started = within(
-            "start container",
-            limits::CHANGE,
-            self.docker.start_container(&created.id, None),
-        )
-        .await
-        .and_then(|r| r.map_err(api("start container")));
+        let created = self
+            .call(
+                "create container",
+                limits::CHANGE,
+                self.docker.create_container(
+                    Some(CreateContainerOptions {
+                        name: Some(name.to_string()),
+                        platform: String::new(),
+                    }),
+                    body,
+                ),
+            )
+            .await?
+            .map_err(api("create container"))?;
+        let started = self
+            .call(
+                "start container",
+                limits::CHANGE,
+                self.docker.start_container(&created.id, None),
+            )
+            .await
+            .and_then(|r| r.map_err(api("start container")));
         if let Err(e) = started {
             let _ = self.remove_container(&created.id).await;
             return Err(e);
@@ -111,12 +113,13 @@ impl Engine {
 
     /// The container `id`, or `None` when it is gone.
     pub async fn container(&self, id: &str) -> Result<Option<ContainerFacts>, DockerError> {
-        let c = match within(
-            "inspect container",
-            limits::QUICK,
-            self.docker.inspect_container(id, None),
-        )
-        .await?
+        let c = match self
+            .call(
+                "inspect container",
+                limits::QUICK,
+                self.docker.inspect_container(id, None),
+            )
+            .await?
         {
             Ok(c) => c,
             Err(e) if is_not_found(&e) => return Ok(None),
@@ -169,17 +172,18 @@ impl Engine {
             "label".to_string(),
             vec![format!("{}={node}", labels::NODE)],
         )]);
-        let list = within(
-            "list containers",
-            limits::QUICK,
-            self.docker.list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            })),
-        )
-        .await?
-        .map_err(api("list containers"))?;
+        let list = self
+            .call(
+                "list containers",
+                limits::QUICK,
+                self.docker.list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: Some(filters),
+                    ..Default::default()
+                })),
+            )
+            .await?
+            .map_err(api("list containers"))?;
         Ok(list.into_iter().filter_map(|c| c.id).collect())
     }
 
@@ -216,19 +220,20 @@ impl Engine {
 
     /// Stops and removes a container. A missing container is not an error.
     pub async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
-        match within(
-            "remove container",
-            limits::CHANGE,
-            self.docker.remove_container(
-                id,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    v: true,
-                    ..Default::default()
-                }),
-            ),
-        )
-        .await?
+        match self
+            .call(
+                "remove container",
+                limits::CHANGE,
+                self.docker.remove_container(
+                    id,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        v: true,
+                        ..Default::default()
+                    }),
+                ),
+            )
+            .await?
         {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),

@@ -13,7 +13,7 @@ use bollard::query_parameters::{
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 
-use super::bounds::{idle_bounded, millis_since, transport_failure, within};
+use super::bounds::{idle_bounded, millis_since, transport_failure};
 use super::{api, is_not_found, limits, DockerError, Engine};
 use crate::archive::{chain_ids, Digest};
 
@@ -30,12 +30,13 @@ pub struct ImageFacts {
 impl Engine {
     /// The image `reference` (tag or id), or `None` when the engine lacks it.
     pub async fn image(&self, reference: &str) -> Result<Option<ImageFacts>, DockerError> {
-        match within(
-            "inspect image",
-            limits::QUICK,
-            self.docker.inspect_image(reference),
-        )
-        .await?
+        match self
+            .call(
+                "inspect image",
+                limits::QUICK,
+                self.docker.inspect_image(reference),
+            )
+            .await?
         {
             Ok(img) => {
                 let diff_ids = img
@@ -62,16 +63,17 @@ impl Engine {
     /// list and all its prefixes. (The engine API has no call that lists
     /// layers; an image's presence implies its whole chain is present.)
     pub async fn held_chain_ids(&self) -> Result<HashSet<Digest>, DockerError> {
-        let images = within(
-            "list images",
-            limits::QUICK,
-            self.docker.list_images(Some(ListImagesOptions {
-                all: true,
-                ..Default::default()
-            })),
-        )
-        .await?
-        .map_err(api("list images"))?;
+        let images = self
+            .call(
+                "list images",
+                limits::QUICK,
+                self.docker.list_images(Some(ListImagesOptions {
+                    all: true,
+                    ..Default::default()
+                })),
+            )
+            .await?
+            .map_err(api("list images"))?;
         let mut held = HashSet::new();
         for summary in images {
             if let Some(img) = self.image(&summary.id).await? {
@@ -186,19 +188,20 @@ impl Engine {
     /// Removes an image tag (and the image when nothing else refers to it).
     /// A missing image is not an error.
     pub async fn remove_image(&self, reference: &str) -> Result<(), DockerError> {
-        match within(
-            "remove image",
-            limits::CHANGE,
-            self.docker.remove_image(
-                reference,
-                Some(RemoveImageOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-                None,
-            ),
-        )
-        .await?
+        match self
+            .call(
+                "remove image",
+                limits::CHANGE,
+                self.docker.remove_image(
+                    reference,
+                    Some(RemoveImageOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                    None,
+                ),
+            )
+            .await?
         {
             Ok(_) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
@@ -208,7 +211,7 @@ impl Engine {
 
     /// Tags image `image` (id or tag) as `repo:tag`.
     pub async fn tag(&self, image: &str, repo: &str, tag: &str) -> Result<(), DockerError> {
-        within(
+        self.call(
             "tag image",
             limits::QUICK,
             self.docker.tag_image(
@@ -226,13 +229,14 @@ impl Engine {
     /// Every `shoal/...` tag in the engine (the images shoal loaded or
     /// built); other images are never listed, so never touched.
     pub async fn shoal_tags(&self) -> Result<Vec<String>, DockerError> {
-        let images = within(
-            "list images",
-            limits::QUICK,
-            self.docker.list_images(None::<ListImagesOptions>),
-        )
-        .await?
-        .map_err(api("list images"))?;
+        let images = self
+            .call(
+                "list images",
+                limits::QUICK,
+                self.docker.list_images(None::<ListImagesOptions>),
+            )
+            .await?
+            .map_err(api("list images"))?;
         let mut tags: Vec<String> = images
             .into_iter()
             .flat_map(|i| i.repo_tags)
@@ -246,13 +250,14 @@ impl Engine {
     /// Removes tag `reference` unless a container uses the image (no
     /// force); `Ok(false)` when it is in use or already gone.
     pub async fn untag(&self, reference: &str) -> Result<bool, DockerError> {
-        match within(
-            "untag image",
-            limits::CHANGE,
-            self.docker
-                .remove_image(reference, None::<RemoveImageOptions>, None),
-        )
-        .await?
+        match self
+            .call(
+                "untag image",
+                limits::CHANGE,
+                self.docker
+                    .remove_image(reference, None::<RemoveImageOptions>, None),
+            )
+            .await?
         {
             Ok(_) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),

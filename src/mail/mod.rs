@@ -30,6 +30,7 @@ pub mod smtp;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -327,6 +328,10 @@ pub struct Mailer {
     /// Wakes the outbox worker when a message is queued (one waiter).
     wake: tokio::sync::Notify,
     last_error: Mutex<Option<String>>,
+    /// Sends the server did not accept (retried) / refused for good
+    /// (dropped), since start: `shoal_mail_send_failures_total`.
+    failed_retry: AtomicU64,
+    failed_permanent: AtomicU64,
 }
 
 impl Mailer {
@@ -358,6 +363,8 @@ impl Mailer {
             max_ttl: settings.max_ttl,
             wake: tokio::sync::Notify::new(),
             last_error: Mutex::new(None),
+            failed_retry: AtomicU64::new(0),
+            failed_permanent: AtomicU64::new(0),
         }))
     }
 
@@ -373,6 +380,15 @@ impl Mailer {
             },
             pending: self.outbox.pending().len(),
             last_error: self.last_error.lock().clone(),
+        }
+    }
+
+    /// The outbox's depth and the failures since start, for `/metrics`.
+    pub fn counts(&self) -> crate::metrics::MailCounts {
+        crate::metrics::MailCounts {
+            pending: self.outbox.pending().len() as u64,
+            failed_retry: self.failed_retry.load(Ordering::Relaxed),
+            failed_permanent: self.failed_permanent.load(Ordering::Relaxed),
         }
     }
 
@@ -451,10 +467,12 @@ impl Mailer {
                         *self.last_error.lock() = None;
                     }
                     Err(e) if e.permanent() => {
+                        self.failed_permanent.fetch_add(1, Ordering::Relaxed);
                         warn!(mail = %m.id, env = %m.env, owner = %m.to, error = %e, "mail cannot be sent, dropped");
                         let _ = self.outbox.mark_sent(&m.id);
                     }
                     Err(e) => {
+                        self.failed_retry.fetch_add(1, Ordering::Relaxed);
                         let _ = self.outbox.record_failure(&mut m, &e.to_string());
                         let wait = outbox::backoff(m.attempts);
                         warn!(mail = %m.id, env = %m.env, owner = %m.to, attempts = m.attempts, retry_in = %format_duration(wait), error = %e, "mail not accepted, will retry");

@@ -54,6 +54,25 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The reason's name, as its `reason` tag serializes (`memory_short`):
+    /// the bounded label of `shoal_placement_refusals_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reason::Dead => "dead",
+            Reason::Left => "left",
+            Reason::UnreadableFacts { .. } => "unreadable_facts",
+            Reason::BadHttpAddr { .. } => "bad_http_addr",
+            Reason::Draining => "draining",
+            Reason::EngineDown { .. } => "engine_down",
+            Reason::StoreUnavailable => "store_unavailable",
+            Reason::NotSlave { .. } => "not_slave",
+            Reason::LabelMismatch { .. } => "label_mismatch",
+            Reason::MaxEnvs { .. } => "max_envs",
+            Reason::MemoryShort { .. } => "memory_short",
+            Reason::AioShort { .. } => "aio_short",
+        }
+    }
+
     /// The resource that was short, as refusals name it (`memory`, `aio`,
     /// `max_envs`, `draining`); `None` for reasons that are not a shortage.
     pub fn resource(&self) -> Option<&'static str> {
@@ -196,6 +215,43 @@ mod tests {
         ];
         for (r, s) in cases {
             assert_eq!(r.to_string(), s);
+        }
+    }
+
+    /// `kind` is the serde tag of every variant.
+    #[test]
+    fn kinds_are_the_serialized_tags() {
+        let all = [
+            Reason::Dead,
+            Reason::Left,
+            Reason::UnreadableFacts { error: "x".into() },
+            Reason::BadHttpAddr { error: "x".into() },
+            Reason::Draining,
+            Reason::EngineDown {
+                engine: EngineState::Hung,
+            },
+            Reason::StoreUnavailable,
+            Reason::NotSlave { roles: vec![] },
+            Reason::LabelMismatch {
+                label: "a".into(),
+                wanted: "b".into(),
+                has: None,
+            },
+            Reason::MaxEnvs { running: 1, max: 1 },
+            Reason::MemoryShort {
+                short: 1,
+                need: 2,
+                free: 1,
+            },
+            Reason::AioShort {
+                short: 1,
+                need: 2,
+                free: 1,
+            },
+        ];
+        for r in all {
+            let v = serde_json::to_value(&r).unwrap();
+            assert_eq!(v["reason"], r.kind(), "{r:?}");
         }
     }
 }

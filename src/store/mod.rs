@@ -74,6 +74,28 @@ pub enum StoreError {
     ReadOnly { store: String },
 }
 
+impl StoreError {
+    /// A short, bounded name of the error's kind (the `kind` label of
+    /// `shoal_store_errors_total`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Io { .. } => "io",
+            StoreError::NotFound(_) => "not_found",
+            StoreError::AlreadyPublished(_) => "already_published",
+            StoreError::DigestMismatch { .. } => "digest_mismatch",
+            StoreError::MissingLayer(_) => "missing_layer",
+            StoreError::BadManifest { .. } => "bad_manifest",
+            StoreError::BadArchive(_) => "bad_archive",
+            StoreError::Sink(_) => "sink",
+            StoreError::LayerSize { .. } => "layer_size",
+            StoreError::SaveStream(_) => "save_stream",
+            StoreError::Config(_) => "config",
+            StoreError::Unavailable { .. } => "unavailable",
+            StoreError::ReadOnly { .. } => "read_only",
+        }
+    }
+}
+
 /// blocking file I/O, so async callers use [`Store::call`] (bounded) or
 /// `spawn_blocking`. Clones share one [`StoreStatus`] (`store/health.rs`).
 #[derive(Debug, Clone)]
