@@ -770,7 +770,13 @@ impl Envs {
             .get(id)
             .is_some_and(|r| r.status != EnvStatus::Deleted)
         {
-            st.tasks.insert(id.to_string(), tokio::spawn(supervised));
+            // Every line of the task carries the environment's id (a span
+            // field: `spans[].env_id` in JSON logs).
+            let span = tracing::info_span!("env", env_id = %id);
+            st.tasks.insert(
+                id.to_string(),
+                tokio::spawn(tracing::Instrument::instrument(supervised, span)),
+            );
         }
     }
 

@@ -21,6 +21,7 @@ pub mod health;
 pub mod host;
 pub mod journal;
 pub mod keyring;
+pub mod logging;
 pub mod mail;
 pub mod model;
 pub mod openapi;

@@ -333,6 +333,10 @@ struct DaemonArgs {
     /// `/v1/node`) without a token.
     #[arg(long)]
     open_read: bool,
+    /// Log lines: `text` (default) or `json` (one object per line, with
+    /// the span fields).
+    #[arg(long)]
+    log_format: Option<shoal::logging::LogFormat>,
 }
 
 impl DaemonArgs {
@@ -385,7 +389,20 @@ impl DaemonArgs {
             trusted_proxies: (!self.trusted_proxies.is_empty())
                 .then(|| self.trusted_proxies.clone()),
             open_read: self.open_read.then_some(true),
+            log_format: self.log_format,
         })
+    }
+
+    /// The log format, known before anything logs: the flag, else the
+    /// config file's `log_format` (a file that does not read is reported
+    /// once logging is set up), else text.
+    fn log_format(&self) -> shoal::logging::LogFormat {
+        self.log_format
+            .or_else(|| {
+                let c = Config::from_file(self.config.as_ref()?).ok()?;
+                c.log_format
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -402,17 +419,13 @@ fn parse_kv(items: &[String], flag: &str) -> Result<BTreeMap<String, String>> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "shoal=info,warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: a log file or journald gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let format = match &cli.cmd {
+        Cmd::Daemon(args) => args.log_format(),
+        _ => shoal::logging::LogFormat::Text,
+    };
+    shoal::logging::init(format);
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    let done = rt.block_on(async move {
         match cli.cmd {
             Cmd::Daemon(args) => daemon(*args).await,
             Cmd::Key(KeyCmd::Generate) => {
@@ -422,7 +435,15 @@ fn main() -> Result<()> {
             Cmd::Token(t) => token_cmd(&cli.node, t).await,
             cmd => client_cmd(&cli.node, cli.token.as_deref(), cmd).await,
         }
-    })
+    });
+    match done {
+        // In JSON, the last word is a JSON line too.
+        Err(e) if format == shoal::logging::LogFormat::Json => {
+            tracing::error!(error = %format!("{e:#}"), "shoal stopped on an error");
+            std::process::exit(1)
+        }
+        other => other,
+    }
 }
 
 async fn daemon(args: DaemonArgs) -> Result<()> {
