@@ -118,6 +118,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Take the node out of placement for maintenance (`POST
+    /// /v1/node/drain`): it takes no new environments, its running ones
+    /// stay; kept across daemon restarts. Operators only.
+    Drain {
+        /// Take new environments again.
+        #[arg(long)]
+        undo: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the node's facts and limits.
     Node {
         #[arg(long)]
@@ -480,6 +490,20 @@ async fn daemon(args: DaemonArgs) -> Result<()> {
     };
     shoal::daemon::run(settings, listener, opts, shoal::daemon::shutdown_signal()).await?;
     Ok(())
+}
+
+/// One line on whether the node takes new environments.
+fn drain_line(d: &shoal::drain::NodeDrain) -> String {
+    match (&d.maintenance, d.stopping) {
+        (Some(m), _) => format!(
+            "drained for maintenance since {} by {}: no new environments, running ones stay (undo: shoal drain --undo){}",
+            fmt_time(m.since),
+            m.by,
+            if d.stopping { "; stopping" } else { "" }
+        ),
+        (None, true) => "stopping (SIGTERM): no new environments".into(),
+        (None, false) => "not drained: takes new environments".into(),
+    }
 }
 
 fn fmt_unix(secs: u64) -> String {
@@ -881,6 +905,16 @@ async fn client_cmd(node: &str, token: Option<&str>, cmd: Cmd) -> Result<()> {
                 print_table(&["WORKER", "STATE", "SINCE", "ERROR"], rows);
             }
         }
+        Cmd::Drain { undo, json } => {
+            let d: shoal::drain::NodeDrain = client
+                .post("/v1/node/drain", &json!({ "drain": !undo }))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                println!("{}", drain_line(&d));
+            }
+        }
         Cmd::Node { json } => {
             let n: NodeInfo = client.get("/v1/node").await?;
             if json {
@@ -898,6 +932,7 @@ async fn client_cmd(node: &str, token: Option<&str>, cmd: Cmd) -> Result<()> {
                     n.aio_committed, n.aio_in_use, n.aio_max
                 );
                 println!("envs        {} of {}", n.env_count, n.max_envs);
+                println!("drain       {}", drain_line(&n.drain));
                 println!(
                     "engine      docker {}, storage driver {}{}",
                     n.engine_version,
