@@ -456,7 +456,7 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
 
 /// `GET /healthz`: 200 only when the node can do its job (engine answers,
 /// state lock free, store answers, gossip and every worker running, not
-/// draining); otherwise 503 with what is wrong. Cheap: the engine's state
+/// stopping; a maintenance drain is healthy); otherwise 503 with what is wrong. Cheap: the engine's state
 /// comes from its monitor, the store gets one stat at most per call.
 #[utoipa::path(
     get,
@@ -493,7 +493,9 @@ pub async fn health_inputs(s: &AppState) -> crate::health::HealthInputs {
         },
         gossip: s.cluster.gossip_running().await,
         workers: s.workers.list(),
-        draining: s.envs.is_draining(),
+        // Stopping only: a node drained for maintenance still serves
+        // reads and forwards creates to other nodes (`drain.rs`).
+        draining: s.envs.is_stopping(),
     }
 }
 

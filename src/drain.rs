@@ -84,13 +84,18 @@ pub fn load(data_dir: &Path) -> Result<Option<Maintenance>, DrainError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(DrainError::Io { path, source }),
     };
-    parse(&text).map(Some).map_err(|message| DrainError::Parse { path, message })
+    parse(&text)
+        .map(Some)
+        .map_err(|message| DrainError::Parse { path, message })
 }
 
 fn parse(text: &[u8]) -> Result<Maintenance, String> {
     let d: OnDisk = serde_json::from_slice(text).map_err(|e| e.to_string())?;
     if d.version != VERSION {
-        return Err(format!("version {} (this shoal reads {VERSION})", d.version));
+        return Err(format!(
+            "version {} (this shoal reads {VERSION})",
+            d.version
+        ));
     }
     Ok(d.maintenance)
 }
@@ -141,7 +146,10 @@ mod tests {
         let ok = br#"{"version":1,"since":"2026-12-02T05:00:00Z","by":"ops@lab"}"#;
         assert_eq!(parse(ok).unwrap().by, "ops@lab");
         for (bad, says) in [
-            (&br#"{"version":2,"since":"2026-12-02T05:00:00Z","by":"a"}"#[..], "version 2"),
+            (
+                &br#"{"version":2,"since":"2026-12-02T05:00:00Z","by":"a"}"#[..],
+                "version 2",
+            ),
             (&br#"{"version":1,"by":"a"}"#[..], "since"),
             (&b"not json"[..], "expected"),
         ] {

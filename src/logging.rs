@@ -78,7 +78,10 @@ mod tests {
 
     #[test]
     fn parses_both_names_and_refuses_others() {
-        for (s, want) in [("text", Some(LogFormat::Text)), ("json", Some(LogFormat::Json))] {
+        for (s, want) in [
+            ("text", Some(LogFormat::Text)),
+            ("json", Some(LogFormat::Json)),
+        ] {
             assert_eq!(s.parse::<LogFormat>().ok(), want, "{s}");
             assert_eq!(want.unwrap().as_str(), s);
         }

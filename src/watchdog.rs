@@ -3,8 +3,8 @@
 //! it. The `watchdog` worker sends one every half of that, but only while
 //! the node is healthy by the same verdict `/healthz` gives
 //! ([`crate::health::assess`] over [`crate::api::health_inputs`]), with one
-//! exception: a drained node (maintenance or stopping) is healthy for the
-//! watchdog, since restarting it would not undo a drain.
+//! exception: a stopping node (check `draining`) still pings until it
+//! exits. A maintenance drain is healthy for `/healthz` already.
 //!
 //! The check runs as a task on the daemon's runtime, not on a thread of its
 //! own: a wedged runtime (every worker thread blocked) runs no check and so

