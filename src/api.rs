@@ -68,6 +68,7 @@ use crate::routing::{Cluster, Forwarded, RouteError, BUDGET_HEADER, LOCAL_HEADER
 use crate::store::{ImageRef, PublishHint, StoreError};
 
 pub mod authn;
+pub mod drain;
 pub mod gossip;
 pub mod guard;
 pub mod metrics;
@@ -365,6 +366,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics::scrape))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/node", get(node))
+        .route("/v1/node/drain", axum::routing::post(drain::drain_node))
         .route("/v1/images", get(list_images).post(publish))
         .route("/v1/images/{image}", get(get_image))
         .route("/v1/images/{image}/progress", get(gossip::publish_progress))
@@ -464,12 +466,13 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
         gossip: s.cluster.gossip_security(),
         store: s.envs.store().status(),
         peer_calls: s.cluster.peer_policy().mode().to_string(),
+        drain: envs.drain_state(),
     }))
 }
 
 /// `GET /healthz`: 200 only when the node can do its job (engine answers,
 /// state lock free, store answers, gossip and every worker running, not
-/// draining); otherwise 503 with what is wrong. Cheap: the engine's state
+/// stopping; a maintenance drain is healthy); otherwise 503 with what is wrong. Cheap: the engine's state
 /// comes from its monitor, the store gets one stat at most per call.
 #[utoipa::path(
     get,
@@ -480,7 +483,18 @@ async fn node(State(s): State<Arc<AppState>>) -> Result<Json<NodeInfo>, ApiError
     )
 )]
 async fn healthz(State(s): State<Arc<AppState>>) -> Response {
-    let inputs = crate::health::HealthInputs {
+    let report = crate::health::assess(&health_inputs(&s).await);
+    let status = if report.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report)).into_response()
+}
+
+/// What `/healthz` and the systemd watchdog (`watchdog.rs`) judge.
+pub async fn health_inputs(s: &AppState) -> crate::health::HealthInputs {
+    crate::health::HealthInputs {
         engine: s.envs.engine_health(),
         state_lock: s.envs.state_lock_ok(HEALTH_LOCK_WAIT).await,
         // What store-watch last saw (marker, read-only, answers), then one
@@ -495,15 +509,10 @@ async fn healthz(State(s): State<Arc<AppState>>) -> Response {
         },
         gossip: s.cluster.gossip_running().await,
         workers: s.workers.list(),
-        draining: s.envs.is_draining(),
-    };
-    let report = crate::health::assess(&inputs);
-    let status = if report.is_ok() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(report)).into_response()
+        // Stopping only: a node drained for maintenance still serves
+        // reads and forwards creates to other nodes (`drain.rs`).
+        draining: s.envs.is_stopping(),
+    }
 }
 
 /// How long `/healthz` tries to take the state lock.

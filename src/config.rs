@@ -157,6 +157,9 @@ pub struct Config {
     /// view is otherwise the operators'). Default false: every `/v1/` route
     /// but the OpenAPI document needs a token.
     pub open_read: Option<bool>,
+    /// The daemon's log lines: `text` (default) or `json`, one JSON object
+    /// per line with the span fields (`docs/operations.md`, "Logs").
+    pub log_format: Option<crate::logging::LogFormat>,
 }
 
 impl Config {
@@ -218,7 +221,8 @@ impl Config {
             mail_from,
             public_url,
             trusted_user_header,
-            trusted_proxies
+            trusted_proxies,
+            log_format
         );
         self
     }

@@ -153,6 +153,22 @@ pub async fn run(
     }
     let store_watch = store.clone().watch();
     let envs = Envs::recover(settings.clone(), engine, store).await?;
+    // A maintenance drain outlives restarts (`drain.rs`); before the node
+    // joins, so it is never offered for placement in between.
+    match crate::drain::load(&settings.data_dir) {
+        Ok(Some(m)) => {
+            info!(node = %settings.name, since = %m.since, by = %m.by, "still drained for maintenance: taking no new environments (shoal drain --undo)");
+            envs.set_maintenance(Some(m));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            warn!(node = %settings.name, error = %e, "drain file unreadable: staying drained until an operator decides (shoal drain / shoal drain --undo)");
+            envs.set_maintenance(Some(crate::drain::Maintenance {
+                since: time::OffsetDateTime::now_utc(),
+                by: "unreadable drain file".into(),
+            }));
+        }
+    }
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
     // What other nodes call: on a wildcard listen, the IP this node gossips
     // from (peers check that the two match, `cluster::keys::check_http_addr`).
@@ -287,6 +303,13 @@ pub async fn run(
     .map_err(DaemonError::Serve)?;
     info!(node = %settings.name, http = %addr, store = %settings.store.display(), "node ready");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    if let Some(every) = crate::watchdog::from_env() {
+        info!(node = %settings.name, every_ms = every.as_millis() as u64, "systemd watchdog: pinging while healthy");
+        workers.adopt(
+            "watchdog",
+            tokio::spawn(crate::watchdog::run(state.clone(), every)),
+        );
+    }
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain = {
         let (envs, cluster) = (envs.clone(), cluster.clone());

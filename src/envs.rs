@@ -140,6 +140,9 @@ pub struct Envs {
     last_load_bps: Mutex<Option<u64>>,
     /// Set on shutdown: no new environments are admitted.
     draining: std::sync::atomic::AtomicBool,
+    /// An operator's maintenance drain (`drain.rs`): no new environments
+    /// either, running ones stay. Held only to copy or replace.
+    maintenance: Mutex<Option<crate::drain::Maintenance>>,
     /// The engine's health, written by the `engine-health` worker and read
     /// by admission, reconcile, the API and the gossip publisher.
     engine_health: tokio::sync::watch::Sender<crate::health::EngineHealth>,
@@ -187,6 +190,7 @@ impl Envs {
             image_locks: Mutex::default(),
             last_load_bps: Mutex::new(None),
             draining: Default::default(),
+            maintenance: Mutex::default(),
             engine_health: tokio::sync::watch::channel(crate::health::EngineHealth::ok_since(
                 OffsetDateTime::now_utc(),
             ))
@@ -328,8 +332,28 @@ impl Envs {
         self.notify();
     }
 
+    /// Takes no new environments: shutting down or under maintenance.
     pub fn is_draining(&self) -> bool {
+        self.is_stopping() || self.maintenance.lock().is_some()
+    }
+
+    /// Shutting down (SIGTERM).
+    pub fn is_stopping(&self) -> bool {
         self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Sets or clears the maintenance drain (persisting is the caller's).
+    pub fn set_maintenance(&self, m: Option<crate::drain::Maintenance>) {
+        *self.maintenance.lock() = m;
+        self.notify();
+    }
+
+    pub fn drain_state(&self) -> crate::drain::NodeDrain {
+        crate::drain::NodeDrain {
+            draining: self.is_draining(),
+            maintenance: self.maintenance.lock().clone(),
+            stopping: self.is_stopping(),
+        }
     }
 
     /// The engine's health as the monitor last saw it.
@@ -775,7 +799,13 @@ impl Envs {
             .get(id)
             .is_some_and(|r| r.status != EnvStatus::Deleted)
         {
-            st.tasks.insert(id.to_string(), tokio::spawn(supervised));
+            // Every line of the task carries the environment's id (a span
+            // field: `spans[].env_id` in JSON logs).
+            let span = tracing::info_span!("env", env_id = %id);
+            st.tasks.insert(
+                id.to_string(),
+                tokio::spawn(tracing::Instrument::instrument(supervised, span)),
+            );
         }
     }
 

@@ -147,6 +147,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Take the node out of placement for maintenance (`POST
+    /// /v1/node/drain`): it takes no new environments, its running ones
+    /// stay; kept across daemon restarts. Operators only.
+    Drain {
+        /// Take new environments again.
+        #[arg(long)]
+        undo: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the node's facts and limits.
     Node {
         #[arg(long)]
@@ -365,6 +375,10 @@ struct DaemonArgs {
     /// `/v1/node`) without a token.
     #[arg(long)]
     open_read: bool,
+    /// Log lines: `text` (default) or `json` (one object per line, with
+    /// the span fields).
+    #[arg(long)]
+    log_format: Option<shoal::logging::LogFormat>,
 }
 
 impl DaemonArgs {
@@ -417,7 +431,20 @@ impl DaemonArgs {
             trusted_proxies: (!self.trusted_proxies.is_empty())
                 .then(|| self.trusted_proxies.clone()),
             open_read: self.open_read.then_some(true),
+            log_format: self.log_format,
         })
+    }
+
+    /// The log format, known before anything logs: the flag, else the
+    /// config file's `log_format` (a file that does not read is reported
+    /// once logging is set up), else text.
+    fn log_format(&self) -> shoal::logging::LogFormat {
+        self.log_format
+            .or_else(|| {
+                let c = Config::from_file(self.config.as_ref()?).ok()?;
+                c.log_format
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -434,17 +461,13 @@ fn parse_kv(items: &[String], flag: &str) -> Result<BTreeMap<String, String>> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "shoal=info,warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: a log file or journald gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let format = match &cli.cmd {
+        Cmd::Daemon(args) => args.log_format(),
+        _ => shoal::logging::LogFormat::Text,
+    };
+    shoal::logging::init(format);
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    let done = rt.block_on(async move {
         match cli.cmd {
             Cmd::Daemon(args) => daemon(*args).await,
             Cmd::Key(KeyCmd::Generate) => {
@@ -455,7 +478,15 @@ fn main() -> Result<()> {
             Cmd::Bootstrap(b) => Ok(shoal::bootstrap::cli::run(&b)?),
             cmd => client_cmd(&cli.node, cli.token.as_deref(), cmd).await,
         }
-    })
+    });
+    match done {
+        // In JSON, the last word is a JSON line too.
+        Err(e) if format == shoal::logging::LogFormat::Json => {
+            tracing::error!(error = %format!("{e:#}"), "shoal stopped on an error");
+            std::process::exit(1)
+        }
+        other => other,
+    }
 }
 
 async fn daemon(args: DaemonArgs) -> Result<()> {
@@ -492,6 +523,20 @@ async fn daemon(args: DaemonArgs) -> Result<()> {
     };
     shoal::daemon::run(settings, listener, opts, shoal::daemon::shutdown_signal()).await?;
     Ok(())
+}
+
+/// One line on whether the node takes new environments.
+fn drain_line(d: &shoal::drain::NodeDrain) -> String {
+    match (&d.maintenance, d.stopping) {
+        (Some(m), _) => format!(
+            "drained for maintenance since {} by {}: no new environments, running ones stay (undo: shoal drain --undo){}",
+            fmt_time(m.since),
+            m.by,
+            if d.stopping { "; stopping" } else { "" }
+        ),
+        (None, true) => "stopping (SIGTERM): no new environments".into(),
+        (None, false) => "not drained: takes new environments".into(),
+    }
 }
 
 fn fmt_unix(secs: u64) -> String {
@@ -853,6 +898,16 @@ async fn client_cmd(node: &str, token: Option<&str>, cmd: Cmd) -> Result<()> {
                 print_table(&["WORKER", "STATE", "SINCE", "ERROR"], rows);
             }
         }
+        Cmd::Drain { undo, json } => {
+            let d: shoal::drain::NodeDrain = client
+                .post("/v1/node/drain", &json!({ "drain": !undo }))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                println!("{}", drain_line(&d));
+            }
+        }
         Cmd::Node { json } => {
             let n: NodeInfo = client.get("/v1/node").await?;
             if json {
@@ -870,6 +925,7 @@ async fn client_cmd(node: &str, token: Option<&str>, cmd: Cmd) -> Result<()> {
                     n.aio_committed, n.aio_in_use, n.aio_max
                 );
                 println!("envs        {} of {}", n.env_count, n.max_envs);
+                println!("drain       {}", drain_line(&n.drain));
                 println!(
                     "engine      docker {}, storage driver {}{}",
                     n.engine_version,

@@ -458,6 +458,10 @@ pub struct NodeInfo {
     /// unsigned ones) or `off` (no key: nothing signed).
     #[serde(default)]
     pub peer_calls: String,
+    /// Whether the node takes new environments: `draining`, the
+    /// operator's `maintenance` drain (since, by), `stopping` (SIGTERM).
+    #[serde(default)]
+    pub drain: crate::drain::NodeDrain,
 }
 
 /// How a node's gossip is protected (`docs/security.md`).

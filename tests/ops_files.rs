@@ -376,8 +376,10 @@ fn service_unit_settings() {
         rw.contains(&"-/mnt/shoal-store".into()),
         "the store must be writable: {rw:?}"
     );
-    // The daemon does not ping a watchdog; a WatchdogSec= would kill it.
-    assert!(values(&unit, "Service", "WatchdogSec").is_empty());
+    // The daemon pings the watchdog while healthy (src/watchdog.rs), every
+    // half of it; systemd restarts a node that stays unhealthy or wedges.
+    assert_eq!(one("Service", "WatchdogSec"), "60s");
+    assert!(words("Service", "Restart").contains(&"on-failure".into()));
     // The Docker socket is AF_UNIX: the address family filter must allow it.
     assert!(words("Service", "RestrictAddressFamilies").contains(&"AF_UNIX".into()));
 }
