@@ -380,6 +380,7 @@ impl Cluster {
             storage_driver: self.storage_driver.clone(),
             load_bps: self.envs.last_load_bps(),
             layers: self.layers.lock().clone(),
+            layer_filter: None,
             envs,
             revoked: self.revoked.lock().clone(),
         }
