@@ -66,6 +66,7 @@ use crate::store::{ImageRef, PublishHint, StoreError};
 
 pub mod authn;
 pub mod guard;
+pub mod layers;
 
 pub use authn::Caller;
 
@@ -357,6 +358,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/node", get(node))
+        .route("/v1/node/layers", get(layers::node_layers))
         .route("/v1/images", get(list_images).post(publish))
         .route("/v1/images/{image}", get(get_image))
         .route("/v1/environments", get(list_envs).post(create_env))

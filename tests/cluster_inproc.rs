@@ -235,7 +235,10 @@ async fn restart_with_higher_generation_replaces_old_state() {
     let n = node(&v, "node-1").unwrap();
     let x = n.facts.as_ref().unwrap();
     assert_eq!(x.version, "new");
-    assert!(x.layer_count() == 0, "nothing of the old run's state: {x:?}");
+    assert!(
+        x.layer_count() == 0,
+        "nothing of the old run's state: {x:?}"
+    );
     assert_eq!(
         v.nodes.iter().filter(|n| n.name == "node-1").count(),
         1,

@@ -44,16 +44,22 @@ where
             return start.elapsed();
         }
         let left = done.iter().filter(|d| !**d).count();
-        assert!(start.elapsed() < limit, "did not converge: {left} members not yet");
+        assert!(
+            start.elapsed() < limit,
+            "did not converge: {left} members not yet"
+        );
         tokio::time::sleep(every).await;
     }
 }
 
 /// Every member sees `n` members alive.
 pub async fn until_all_alive(nodes: &[Gossip], n: usize) -> Duration {
-    until_each(nodes.len(), Duration::from_millis(100), Duration::from_secs(600), |i| async move {
-        nodes[i].alive_count().await == n
-    })
+    until_each(
+        nodes.len(),
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+        |i| async move { nodes[i].alive_count().await == n },
+    )
     .await
 }
 
@@ -109,12 +115,18 @@ pub async fn simulate(
         let start = Instant::now();
         nodes[who].publish(&f).await;
         let nodes = &nodes;
-        until_each(nodes.len(), Duration::from_millis(50), Duration::from_secs(120), |i| async move {
-            nodes[i].view_of(name)
-                .await
-                .and_then(|x| x.facts)
-                .is_some_and(|f| &f.version == version)
-        })
+        until_each(
+            nodes.len(),
+            Duration::from_millis(50),
+            Duration::from_secs(120),
+            |i| async move {
+                nodes[i]
+                    .view_of(name)
+                    .await
+                    .and_then(|x| x.facts)
+                    .is_some_and(|f| &f.version == version)
+            },
+        )
         .await;
         propagation.push(start.elapsed());
     }
@@ -126,9 +138,12 @@ pub async fn simulate(
     let start = Instant::now();
     victim.abort().await;
     let alive = &nodes;
-    until_each(alive.len(), Duration::from_millis(100), Duration::from_secs(120), |i| async move {
-        alive[i].view_of(name).await.is_some_and(|x| !x.alive)
-    })
+    until_each(
+        alive.len(),
+        Duration::from_millis(100),
+        Duration::from_secs(120),
+        |i| async move { alive[i].view_of(name).await.is_some_and(|x| !x.alive) },
+    )
     .await;
     let detection = start.elapsed();
     (

@@ -169,12 +169,31 @@ pub struct NodeFacts {
     pub layers: BTreeSet<String>,
     /// The layers as gossip carries them: a Bloom filter (`None` from a peer
     /// that publishes none). Ask [`NodeFacts::may_hold_layer`].
-    #[serde(skip)]
+    /// Shown in JSON as `{"layers": n, "false_positive_rate": r}` (the
+    /// bits themselves are no one's business but placement's).
+    #[serde(default, skip_deserializing, serialize_with = "ser_layer_filter")]
     pub layer_filter: Option<LayerFilter>,
     pub envs: BTreeMap<String, EnvSummary>,
     /// Revoked user token ids and their expiry (unix seconds).
     #[serde(default)]
     pub revoked: BTreeMap<String, u64>,
+}
+
+fn ser_layer_filter<S: serde::Serializer>(
+    f: &Option<LayerFilter>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Summary {
+        layers: u32,
+        false_positive_rate: f64,
+    }
+    f.as_ref()
+        .map(|f| Summary {
+            layers: f.layers(),
+            false_positive_rate: f.false_positive_rate(),
+        })
+        .serialize(s)
 }
 
 impl NodeFacts {
@@ -822,7 +841,12 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         f.layers = (0..300u64)
-            .map(|l| format!("{:016x}", (i * 1000 + l).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+            .map(|l| {
+                format!(
+                    "{:016x}",
+                    (i * 1000 + l).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                )
+            })
             .collect();
         f.envs = (0..8)
             .map(|e| {

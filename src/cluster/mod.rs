@@ -79,6 +79,12 @@ pub struct GossipConfig {
     /// (strictly increasing within a process). Must grow on every start, or
     /// peers push the previous run's state back to the node.
     pub generation: Option<u64>,
+    /// Keep [`Gossip::changes`] current (the observer task: every round it
+    /// rebuilds the view when anything but heartbeats moved). Default on;
+    /// off only in simulations of many members in one process
+    /// (`benches/scale.rs`), where every member re-reading every member's
+    /// facts on every change is n² work the protocol does not do.
+    pub watch_views: bool,
 }
 
 /// Heartbeat intervals the failure detector keeps per peer.
@@ -98,6 +104,7 @@ impl GossipConfig {
             dead_node_grace_period: Duration::from_secs(3600),
             marked_for_deletion_grace_period: Duration::from_secs(3600),
             generation: None,
+            watch_views: true,
         }
     }
 
@@ -290,13 +297,20 @@ impl Gossip {
             build_view(&guard, &self_id, &seen)
         };
         let (tx, changes) = watch::channel(first);
-        let observer = tokio::spawn(observe(
-            chitchat,
-            self_id.clone(),
-            seen.clone(),
-            cfg.gossip_interval,
-            tx,
-        ));
+        let observer = if cfg.watch_views {
+            tokio::spawn(observe(
+                chitchat,
+                self_id.clone(),
+                seen.clone(),
+                cfg.gossip_interval,
+                tx,
+            ))
+        } else {
+            tokio::spawn(async move {
+                let _tx = tx;
+                std::future::pending::<()>().await
+            })
+        };
         Ok(Gossip {
             handle,
             self_id,
@@ -411,7 +425,14 @@ impl Gossip {
             .max_by_key(|id| id.generation_id)?
             .clone();
         let alive = guard.live_nodes().any(|l| *l == id);
-        node_view(&guard, &id, &self.self_id, alive, &self.seen, Instant::now())
+        node_view(
+            &guard,
+            &id,
+            &self.self_id,
+            alive,
+            &self.seen,
+            Instant::now(),
+        )
     }
 
     /// A stream of views: a new value whenever a node joins, dies, comes

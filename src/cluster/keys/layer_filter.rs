@@ -199,7 +199,11 @@ mod tests {
             );
         }
         let f = LayerFilter::build(&prefixes(300, 1));
-        assert!(f.false_positive_rate() < 0.0015, "{}", f.false_positive_rate());
+        assert!(
+            f.false_positive_rate() < 0.0015,
+            "{}",
+            f.false_positive_rate()
+        );
         assert_eq!(f.layers(), 300);
     }
 
