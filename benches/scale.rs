@@ -10,8 +10,9 @@
 //! against the truth: the layer filter's false positives), and the peak RSS
 //! of the process (every member holds every member's state: n² states).
 //!
-//! Run: `cargo bench --bench scale` (500 and 1000 nodes); without `--bench`
-//! (as `cargo test --all-targets` runs it) 50 nodes.
+//! Run: `cargo bench --bench scale` (500 and 1000 nodes; `SCALE_NODES=200,500`
+//! picks sizes); without `--bench` (as `cargo test --all-targets` runs it)
+//! 50 nodes.
 
 mod sim;
 
@@ -248,7 +249,7 @@ fn main() {
             .filter_map(|n| n.parse().ok())
             .map(|n| (n, 10))
             .collect(),
-        Err(_) if full => vec![(500, 20), (1000, 10)],
+        Err(_) if full => vec![(500, 10), (1000, 10)],
         Err(_) => vec![(50, 3)],
     };
     for (n, reps) in sizes {
