@@ -21,8 +21,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod sim;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -31,11 +31,7 @@ use chitchat::transport::ChannelTransport;
 use shoal::cluster::seal::{MemWire, SealMode, SealStats, SealTransport, Sealer};
 use shoal::cluster::{Gossip, GossipConfig, NodeFacts, Role};
 use shoal::keyring::Keyring;
-use tokio::time::Instant;
-
-fn addr(i: usize) -> SocketAddr {
-    ([127, 0, 0, 1], 20_000 + i as u16).into()
-}
+use sim::{addr, pct};
 
 fn facts(i: usize, version: &str) -> NodeFacts {
     NodeFacts {
@@ -49,79 +45,26 @@ fn facts(i: usize, version: &str) -> NodeFacts {
     }
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-async fn until_all(nodes: &[Gossip], pred: impl Fn(&shoal::cluster::ClusterView) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    'poll: loop {
-        assert!(Instant::now() < deadline, "did not converge");
-        for g in nodes {
-            if !pred(&g.view().await) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue 'poll;
-            }
-        }
-        return;
-    }
-}
-
 async fn run(n: usize, reps: usize) {
     let t = ChannelTransport::default();
-    let mut nodes = Vec::with_capacity(n);
-    for i in 0..n {
-        let mut cfg = GossipConfig::new("bench", &format!("n{i}"), addr(i));
-        if i > 0 {
-            cfg.seeds = vec![addr(0).to_string()];
-        }
-        nodes.push(Gossip::start(cfg, &facts(i, "v0"), &t).await.unwrap());
-    }
-    let t0 = Instant::now();
-    until_all(&nodes, |v| {
-        v.nodes.len() == n && v.nodes.iter().all(|x| x.alive)
-    })
+    let (fig, nodes) = sim::simulate(
+        &t,
+        || t.statistics().num_bytes_total,
+        n,
+        reps,
+        Duration::from_secs(10),
+        facts,
+        |_| {},
+    )
     .await;
-    let join = t0.elapsed();
-
-    // Quiet cluster traffic.
-    let before = t.statistics();
-    let window = Duration::from_secs(10);
-    tokio::time::sleep(window).await;
-    let after = t.statistics();
-    let bps =
-        (after.num_bytes_total - before.num_bytes_total) as f64 / n as f64 / window.as_secs_f64();
-
-    let mut prop = Vec::with_capacity(reps);
-    for r in 1..=reps {
-        let who = (r * 7) % n;
-        let version = format!("v{r}");
-        let name = format!("n{who}");
-        let start = Instant::now();
-        nodes[who].publish(&facts(who, &version)).await;
-        until_all(&nodes, |v| {
-            v.node(&name)
-                .and_then(|x| x.facts.as_ref())
-                .is_some_and(|f| f.version == version)
-        })
-        .await;
-        prop.push(start.elapsed());
-    }
-    prop.sort();
-
-    let victim = nodes.pop().unwrap();
-    let name = victim.name().to_string();
-    let start = Instant::now();
-    victim.abort().await;
-    until_all(&nodes, |v| v.node(&name).is_some_and(|x| !x.alive)).await;
-    let detect = start.elapsed();
-
     println!(
-        "{n} nodes: join {join:?}; propagation p50 {:?} p99 {:?} ({reps} changes); \
-         failure detection {detect:?}; {:.0} gossip bytes/node/s",
-        pct(&prop, 0.5),
-        pct(&prop, 0.99),
-        bps
+        "{n} nodes: join {:?}; propagation p50 {:?} p99 {:?} ({reps} changes); \
+         failure detection {:?}; {:.0} gossip bytes/node/s",
+        fig.join,
+        pct(&fig.propagation, 0.5),
+        pct(&fig.propagation, 0.99),
+        fig.detection,
+        fig.bytes_per_node_s
     );
     for g in nodes {
         g.abort().await;
@@ -274,10 +217,7 @@ async fn seal_cost(n: usize, mode: SealMode, window: Duration) -> (f64, Duration
             .collect();
         nodes.push(Gossip::start(cfg, &f, &t).await.unwrap());
     }
-    until_all(&nodes, |v| {
-        v.nodes.len() == n && v.nodes.iter().all(|x| x.alive)
-    })
-    .await;
+    sim::until_all_alive(&nodes, n).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (_, _, bytes0) = wire.stats();
     let cpu0 = cpu_time();

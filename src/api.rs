@@ -72,6 +72,7 @@ pub mod drain;
 pub mod gossip;
 pub mod guard;
 pub mod metrics;
+pub mod layers;
 
 pub use authn::Caller;
 
@@ -367,6 +368,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/node", get(node))
         .route("/v1/node/drain", axum::routing::post(drain::drain_node))
+        .route("/v1/node/layers", get(layers::node_layers))
         .route("/v1/images", get(list_images).post(publish))
         .route("/v1/images/{image}", get(get_image))
         .route("/v1/images/{image}/progress", get(gossip::publish_progress))

@@ -44,14 +44,14 @@ mod reason;
 mod spread;
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::archive::{held_prefix_short, Digest};
+use crate::archive::Digest;
 use crate::cluster::keys::StoreState;
 use crate::cluster::keys::LAYER_PREFIX_LEN;
-use crate::cluster::{NodeView, Role};
+use crate::cluster::{NodeFacts, NodeView, Role};
 use crate::store::Manifest;
 pub use reason::Reason;
 pub use spread::{
@@ -202,8 +202,7 @@ fn check(
             free: aio_free,
         });
     }
-    let held: HashSet<String> = f.layers.iter().cloned().collect();
-    let have = held_prefix_short(chain, &held, LAYER_PREFIX_LEN);
+    let have = held_layers(f, chain);
     let missing_bytes = layers
         .get(have..)
         .unwrap_or_default()
@@ -223,6 +222,28 @@ fn check(
         aio_free_after: aio_free - req.aio,
     })
 }
+/// How many leading layers of `chain` the node holds. From an exact list
+/// (the node itself, a peer older than the filter): the longest prefix whose
+/// last chain id is held (a chain id names the stack below it). From the
+/// gossiped Bloom filter: the leading chain ids that are all in it (an
+/// engine lists every level of its images' chains), so a false positive
+/// only counts when it extends the truly held run: `missing_bytes` is then
+/// too small by a layer or so, at the filter's rate (~0.14 % per node at
+/// 300 layers); the chosen node loads from what its engine really holds.
+fn held_layers(f: &NodeFacts, chain: &[Digest]) -> usize {
+    let exact = chain
+        .iter()
+        .rposition(|c| f.layers.contains(&c.short(LAYER_PREFIX_LEN)))
+        .map_or(0, |i| i + 1);
+    let filtered = f.layer_filter.as_ref().map_or(0, |lf| {
+        chain
+            .iter()
+            .take_while(|c| lf.may_contain(&c.short(LAYER_PREFIX_LEN)))
+            .count()
+    });
+    exact.max(filtered)
+}
+
 /// The chain-id prefixes a node gossips for the layers it holds.
 pub fn layer_prefixes(chain_ids: &[Digest]) -> BTreeSet<String> {
     chain_ids
@@ -236,7 +257,6 @@ mod tests {
     use super::*;
     use crate::archive::chain_ids;
     use crate::cluster::keys::EngineState;
-    use crate::cluster::NodeFacts;
 
     const GIB: u64 = 1 << 30;
     const BPS: u64 = 100 << 20; // default: 100 MiB/s
@@ -616,9 +636,20 @@ mod tests {
             let n = with("n", |_, f| {
                 f.layers = held.iter().map(|&i| chain[i].short(16)).collect()
             });
-            let p = rank(&[n], &req(0, 0), &img, BPS);
+            let p = rank(std::slice::from_ref(&n), &req(0, 0), &img, BPS);
             assert_eq!(p.ranked[0].missing_bytes, want, "held {held:?}");
             assert_eq!(p.ranked[0].predicted_load_secs, want as f64 / BPS as f64);
+            // The same through gossip, where the layers are a Bloom filter,
+            // held as an engine lists them (every level up to the top).
+            let top = held.iter().max().map_or(0, |&i| i + 1);
+            let g = with("n", |_, f| {
+                f.layers = (0..top).map(|i| chain[i].short(16)).collect();
+                *f = f.normalized();
+            });
+            let f = g.facts.as_ref().unwrap();
+            assert!(f.layers.is_empty() && f.layer_filter.is_some());
+            let p = rank(&[g], &req(0, 0), &img, BPS);
+            assert_eq!(p.ranked[0].missing_bytes, want, "held {held:?} (filter)");
         }
     }
 

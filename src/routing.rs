@@ -336,6 +336,12 @@ impl Cluster {
     }
 
     /// This node's facts as they stand now.
+    /// The chain-id prefixes of the layers the engine holds, as last read
+    /// (`GET /v1/node/layers`).
+    pub fn layers(&self) -> BTreeSet<String> {
+        self.layers.lock().clone()
+    }
+
     pub fn facts(&self) -> NodeFacts {
         let s = self.envs.settings();
         let c = self.envs.committed();
@@ -380,6 +386,7 @@ impl Cluster {
             storage_driver: self.storage_driver.clone(),
             load_bps: self.envs.last_load_bps(),
             layers: self.layers.lock().clone(),
+            layer_filter: None,
             envs,
             revoked: self.revoked.lock().clone(),
         }

@@ -112,7 +112,7 @@ async fn join_via_one_seed_and_propagate() {
             node(v, "node-3")
                 .and_then(|n| n.facts.as_ref())
                 .is_some_and(|x| {
-                    x.env_count == 1 && x.envs.contains_key("env-1") && x.layers.len() == 1
+                    x.env_count == 1 && x.envs.contains_key("env-1") && x.layer_count() == 1
                 })
         })
         .await;
@@ -123,7 +123,7 @@ async fn join_via_one_seed_and_propagate() {
         until(g, "node-3's env and layer gone", |v| {
             node(v, "node-3")
                 .and_then(|n| n.facts.as_ref())
-                .is_some_and(|x| x.envs.is_empty() && x.layers.is_empty() && x.env_count == 0)
+                .is_some_and(|x| x.envs.is_empty() && x.layer_count() == 0 && x.env_count == 0)
         })
         .await;
     }
@@ -235,7 +235,10 @@ async fn restart_with_higher_generation_replaces_old_state() {
     let n = node(&v, "node-1").unwrap();
     let x = n.facts.as_ref().unwrap();
     assert_eq!(x.version, "new");
-    assert!(x.layers.is_empty(), "nothing of the old run's state: {x:?}");
+    assert!(
+        x.layer_count() == 0,
+        "nothing of the old run's state: {x:?}"
+    );
     assert_eq!(
         v.nodes.iter().filter(|n| n.name == "node-1").count(),
         1,

@@ -115,7 +115,7 @@ async fn always_alive(members: &[&Member], expect: &[&str], d: Duration, step: &
     }
 }
 
-/// A 16-hex-digit layer prefix that does not compress.
+/// 16 hex digits that do not compress (a token id).
 fn layer(i: u64) -> String {
     let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xDEAD_BEEF_CAFE_F00D;
     x ^= x >> 31;
@@ -129,16 +129,17 @@ async fn a_full_delta_is_fragmented_below_the_udp_limit_and_still_propagates() {
     let a = start(&wire, 0, None, SealMode::Required, &[1]).await;
     let b = start(&wire, 1, Some(0), SealMode::Required, &[1]).await;
     until(&a.gossip, "node-1 alive", |v| all_alive(v, 2)).await;
-    // ~6,000 incompressible layer keys: far more than one delta's budget,
-    // so chitchat fills deltas to its 65,507-byte budget round after round.
+    // ~4,000 incompressible `revoked:` keys (layers travel as one filter
+    // key): far more than one delta's budget, so chitchat fills deltas to
+    // its 65,507-byte budget round after round.
     let mut f = facts("node-0");
-    f.layers = (0..6000).map(layer).collect();
+    f.revoked = (0..4000).map(|i| (layer(i), 1_900_000_000 + i)).collect();
     a.gossip.publish(&f).await;
-    let want = f.layers.clone();
-    until(&b.gossip, "every layer of node-0", |v| {
+    let want = f.revoked.clone();
+    until(&b.gossip, "every revocation of node-0", |v| {
         v.node("node-0")
             .and_then(|n| n.facts.as_ref())
-            .is_some_and(|x| x.layers == want)
+            .is_some_and(|x| x.revoked == want)
     })
     .await;
     let (largest, oversized, _) = wire.stats();

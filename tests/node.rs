@@ -128,6 +128,42 @@ async fn publish_load_start_delete() -> Result<()> {
         .await?
         .contains("200 OK"));
 
+    // The exact layers on demand (`GET /v1/node/layers`, re-read from the
+    // engine every 10 s); gossip carries their filter and count.
+    let want: Vec<String> = app_m.layers.iter().map(|l| l.chain_id.short(16)).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let held = loop {
+        let v: Value = node.client.get("/v1/node/layers").await?;
+        let held: HashSet<String> = v["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.as_str().map(String::from))
+            .collect();
+        assert_eq!(v["count"].as_u64(), Some(held.len() as u64), "{v}");
+        if want.iter().all(|w| held.contains(w)) {
+            break held;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "layers never listed: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let c: Value = node.client.get("/v1/cluster").await?;
+        let gossiped = c["nodes"][0]["facts"]["layer_filter"]["layers"].as_u64();
+        if gossiped == Some(held.len() as u64) {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "filter not gossiped: {c}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+
     // Both are listed; the engine enforces the memory limit.
     let list: Vec<EnvRecord> = node.client.get("/v1/environments").await?;
     assert_eq!(list.len(), 2);

@@ -69,7 +69,12 @@ pub fn render(v: &Value) -> String {
                 ),
                 format!("{}/{}", num(&f["aio_committed"]), num(&f["aio_max"])),
                 format!("{}/{}", num(&f["env_count"]), num(&f["max_envs"])),
-                f["layers"].as_array().map_or(0, |l| l.len()).to_string(),
+                // Gossip carries a filter that says how many.
+                f["layers"]
+                    .as_array()
+                    .map_or(0, |l| l.len() as u64)
+                    .max(num(&f["layer_filter"]["layers"]))
+                    .to_string(),
                 f["storage_driver"].as_str().unwrap_or("-").to_string(),
             ]
         })

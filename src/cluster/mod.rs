@@ -81,7 +81,16 @@ pub struct GossipConfig {
     /// (strictly increasing within a process). Must grow on every start, or
     /// peers push the previous run's state back to the node.
     pub generation: Option<u64>,
+    /// Keep [`Gossip::changes`] current (the observer task: every round it
+    /// rebuilds the view when anything but heartbeats moved). Default on;
+    /// off only in simulations of many members in one process
+    /// (`benches/scale.rs`), where every member re-reading every member's
+    /// facts on every change is n² work the protocol does not do.
+    pub watch_views: bool,
 }
+
+/// Heartbeat intervals the failure detector keeps per peer.
+pub const SAMPLING_WINDOW: usize = 100;
 
 impl GossipConfig {
     pub fn new(cluster_id: &str, node_name: &str, listen_addr: SocketAddr) -> GossipConfig {
@@ -97,6 +106,7 @@ impl GossipConfig {
             dead_node_grace_period: Duration::from_secs(3600),
             marked_for_deletion_grace_period: Duration::from_secs(3600),
             generation: None,
+            watch_views: true,
         }
     }
 
@@ -139,7 +149,10 @@ impl GossipConfig {
             seed_nodes: self.seeds.clone(),
             failure_detector_config: FailureDetectorConfig {
                 phi_threshold: self.phi_threshold,
-                sampling_window_size: 1000,
+                // Heartbeat intervals kept per peer: 100 is plenty for the
+                // phi estimate, and at 1000 nodes chitchat's 1000 would be
+                // 8 KB per peer per node (8 GB for a million peer states).
+                sampling_window_size: SAMPLING_WINDOW,
                 max_interval: phi::MAX_INTERVAL,
                 initial_interval: self.initial_interval,
                 dead_node_grace_period: self.dead_node_grace_period,
@@ -295,13 +308,20 @@ impl Gossip {
             build_view(&guard, &self_id, &seen, cfg.initial_interval)
         };
         let (tx, changes) = watch::channel(first);
-        let observer = tokio::spawn(observe(
-            chitchat,
-            self_id.clone(),
-            seen.clone(),
-            (cfg.gossip_interval, cfg.initial_interval),
-            tx,
-        ));
+        let observer = if cfg.watch_views {
+            tokio::spawn(observe(
+                chitchat,
+                self_id.clone(),
+                seen.clone(),
+                (cfg.gossip_interval, cfg.initial_interval),
+                tx,
+            ))
+        } else {
+            tokio::spawn(async move {
+                let _tx = tx;
+                std::future::pending::<()>().await
+            })
+        };
         Ok(Gossip {
             handle,
             self_id,
@@ -407,6 +427,36 @@ impl Gossip {
         inspect::build(&guard, &self.self_id, &self.seen, self.prior)
     }
 
+    /// How many members this node's failure detector holds alive (itself
+    /// included): cheap, for probes that need no facts.
+    pub async fn alive_count(&self) -> usize {
+        let chitchat = self.handle.chitchat();
+        let guard = chitchat.lock().await;
+        guard.live_nodes().count()
+    }
+
+    /// One node as this node sees it (its newest generation), without
+    /// reading every other node's facts.
+    pub async fn view_of(&self, name: &str) -> Option<NodeView> {
+        let chitchat = self.handle.chitchat();
+        let guard = chitchat.lock().await;
+        let id = guard
+            .node_states()
+            .keys()
+            .filter(|id| &*id.node_id == name)
+            .max_by_key(|id| id.generation_id)?
+            .clone();
+        let alive = guard.live_nodes().any(|l| *l == id);
+        node_view(
+            &guard,
+            &id,
+            &self.self_id,
+            alive,
+            &mut self.seen.lock(),
+            (Instant::now(), self.prior),
+        )
+    }
+
     /// A stream of views: a new value whenever a node joins, dies, comes
     /// back or changes its facts (not on mere heartbeats).
     pub fn changes(&self) -> watch::Receiver<ClusterView> {
@@ -449,10 +499,20 @@ async fn observe(
     tx: watch::Sender<ClusterView>,
 ) {
     let mut tick = tokio::time::interval(every);
+    let mut last: Option<u64> = None;
     loop {
         tick.tick().await;
         let view = {
             let guard = chitchat.lock().await;
+            // Nothing but heartbeats moved: record them (for `last_seen`
+            // and `phi`) and skip reading every node's facts again (at 1000
+            // nodes a full view costs milliseconds, every round).
+            let print = fingerprint(&guard);
+            if last == Some(print) {
+                record_heartbeats(&guard, &self_id, &seen);
+                continue;
+            }
+            last = Some(print);
             build_view(&guard, &self_id, &seen, prior)
         };
         tx.send_if_modified(|old| {
@@ -466,6 +526,81 @@ async fn observe(
     }
 }
 
+/// One member's entry in the view; records its heartbeat in `seen`.
+fn node_view(
+    chitchat: &Chitchat,
+    id: &ChitchatId,
+    self_id: &ChitchatId,
+    alive: bool,
+    seen: &mut HashMap<ChitchatId, phi::HeartbeatWindow>,
+    (now, prior): (Instant, Duration),
+) -> Option<NodeView> {
+    let state = chitchat.node_state(id)?;
+    let heartbeat = u64::from(state.heartbeat());
+    let is_self = id == self_id;
+    let (last_seen, phi) = if is_self {
+        (Some(Duration::ZERO), None)
+    } else {
+        let w = seen
+            .entry(id.clone())
+            .or_insert_with(|| phi::HeartbeatWindow::new(heartbeat, now));
+        w.observe(heartbeat, now);
+        (Some(w.last_seen(now)), w.phi(now, prior))
+    };
+    let (facts, facts_error) = match keys::from_kv(state.key_values()) {
+        Ok(f) => (Some(f), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let http_error = facts
+        .as_ref()
+        .and_then(|f| keys::check_http_addr(&f.http_addr, id.gossip_advertise_addr.ip()).err());
+    Some(NodeView {
+        name: id.node_id.to_string(),
+        facts,
+        facts_error,
+        http_error,
+        alive,
+        left: keys::has_left(state.key_values()),
+        is_self,
+        generation: id.generation_id,
+        gossip_addr: id.gossip_advertise_addr,
+        heartbeat,
+        last_seen,
+        phi,
+        state_bytes: inspect::state_bytes(state),
+    })
+}
+
+/// A hash of what the view shows besides heartbeats: every member's id and
+/// state version, and which are alive.
+fn fingerprint(chitchat: &Chitchat) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (id, state) in chitchat.node_states() {
+        id.hash(&mut h);
+        state.max_version().hash(&mut h);
+    }
+    for id in chitchat.live_nodes() {
+        id.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Notes, for `last_seen` and `phi`, every other member's heartbeat.
+fn record_heartbeats(chitchat: &Chitchat, self_id: &ChitchatId, seen: &SeenMap) {
+    let now = Instant::now();
+    let mut seen = seen.lock();
+    for (id, state) in chitchat.node_states() {
+        if id == self_id {
+            continue;
+        }
+        let heartbeat = u64::from(state.heartbeat());
+        seen.entry(id.clone())
+            .or_insert_with(|| phi::HeartbeatWindow::new(heartbeat, now))
+            .observe(heartbeat, now);
+    }
+}
+
 fn build_view(
     chitchat: &Chitchat,
     self_id: &ChitchatId,
@@ -474,7 +609,6 @@ fn build_view(
 ) -> ClusterView {
     let now = Instant::now();
     let live: HashSet<&ChitchatId> = chitchat.live_nodes().collect();
-    let mut seen = seen.lock();
     // One entry per node name: the newest generation. An older generation
     // of a restarted node lingers in chitchat (dead) until its grace period
     // ends; it is the past, not a second node.
@@ -486,44 +620,13 @@ fn build_view(
         }
     }
     newest.insert(&self_id.node_id, self_id);
+    let mut seen = seen.lock();
     seen.retain(|id, _| chitchat.node_states().contains_key(id));
     let nodes = newest
         .into_values()
         .filter_map(|id| {
-            let state = chitchat.node_state(id)?;
-            let heartbeat = u64::from(state.heartbeat());
-            let is_self = id == self_id;
-            let (last_seen, phi) = if is_self {
-                (Some(Duration::ZERO), None)
-            } else {
-                let w = seen
-                    .entry(id.clone())
-                    .or_insert_with(|| phi::HeartbeatWindow::new(heartbeat, now));
-                w.observe(heartbeat, now);
-                (Some(w.last_seen(now)), w.phi(now, prior))
-            };
-            let (facts, facts_error) = match keys::from_kv(state.key_values()) {
-                Ok(f) => (Some(f), None),
-                Err(e) => (None, Some(e.to_string())),
-            };
-            let http_error = facts.as_ref().and_then(|f| {
-                keys::check_http_addr(&f.http_addr, id.gossip_advertise_addr.ip()).err()
-            });
-            Some(NodeView {
-                name: id.node_id.to_string(),
-                facts,
-                facts_error,
-                http_error,
-                alive: live.contains(id),
-                left: keys::has_left(state.key_values()),
-                is_self,
-                generation: id.generation_id,
-                gossip_addr: id.gossip_advertise_addr,
-                heartbeat,
-                last_seen,
-                phi,
-                state_bytes: inspect::state_bytes(state),
-            })
+            let alive = live.contains(id);
+            node_view(chitchat, id, self_id, alive, &mut seen, (now, prior))
         })
         .collect();
     ClusterView {

@@ -62,7 +62,7 @@ mod tests {
         let d = diff_kv(kv_refs(&old), &new);
         assert_eq!(d.delete, vec!["env:e1".to_string()]);
         let set_keys: Vec<&str> = d.set.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(set_keys, vec!["layer:fedcba9876543210", "mem"]);
+        assert_eq!(set_keys, vec!["layers", "mem"]);
         assert!(diff_kv(kv_refs(&new), &new).is_empty());
     }
 }
