@@ -71,8 +71,8 @@ pub mod authn;
 pub mod drain;
 pub mod gossip;
 pub mod guard;
-pub mod metrics;
 pub mod layers;
+pub mod metrics;
 
 pub use authn::Caller;
 
