@@ -335,13 +335,13 @@ impl Cluster {
         }
     }
 
-    /// This node's facts as they stand now.
     /// The chain-id prefixes of the layers the engine holds, as last read
     /// (`GET /v1/node/layers`).
     pub fn layers(&self) -> BTreeSet<String> {
         self.layers.lock().clone()
     }
 
+    /// This node's facts as they stand now.
     pub fn facts(&self) -> NodeFacts {
         let s = self.envs.settings();
         let c = self.envs.committed();

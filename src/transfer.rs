@@ -60,48 +60,40 @@ pub async fn publish_counted(
     base: Option<ImageRef>,
     counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 ) -> Result<(Manifest, PublishStats), StoreError> {
-    let r = publish_unmetered(engine, store, source, r, hint, base, counter).await;
-    if let Err(e) = &r {
+    let published = async {
+        store.writable()?;
+        // A pump reads the save stream ahead into a deep buffer, so the engine
+        // keeps writing while the blocking side hashes and compresses: without
+        // it the two take turns (the socket buffer is all that lies between).
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(SAVE_AHEAD_CHUNKS);
+        let mut export = engine.export(source).map_err(std::io::Error::other).boxed();
+        let pump = tokio::spawn(async move {
+            while let Some(item) = export.next().await {
+                if let (Some(c), Ok(chunk)) = (&counter, &item) {
+                    c.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+        let store = store.clone();
+        let r = r.clone();
+        let done =
+            tokio::task::spawn_blocking(move || store.publish_derived(reader, &r, &hint, base))
+                .await
+                .map_err(|e| StoreError::Sink(std::io::Error::other(e)));
+        pump.abort();
+        done?
+    }
+    .await;
+    if let Err(e) = &published {
         engine.metrics().store_error(e.kind());
     }
-    r
-}
-
-async fn publish_unmetered(
-    engine: &Engine,
-    store: &Store,
-    source: &str,
-    r: &ImageRef,
-    hint: PublishHint,
-    base: Option<ImageRef>,
-    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
-) -> Result<(Manifest, PublishStats), StoreError> {
-    store.writable()?;
-    // A pump reads the save stream ahead into a deep buffer, so the engine
-    // keeps writing while the blocking side hashes and compresses: without
-    // it the two take turns (the socket buffer is all that lies between).
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(SAVE_AHEAD_CHUNKS);
-    let mut export = engine.export(source).map_err(std::io::Error::other).boxed();
-    let pump = tokio::spawn(async move {
-        while let Some(item) = export.next().await {
-            if let (Some(c), Ok(chunk)) = (&counter, &item) {
-                c.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            }
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                break;
-            }
-        }
-    });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
-    let store = store.clone();
-    let r = r.clone();
-    let done = tokio::task::spawn_blocking(move || store.publish_derived(reader, &r, &hint, base))
-        .await
-        .map_err(|e| StoreError::Sink(std::io::Error::other(e)));
-    pump.abort();
-    done?
+    published
 }
 
 /// Chunks of the save stream read ahead of the store writer (hyper hands

@@ -260,6 +260,20 @@ struct Box_ {
 }
 
 impl Box_ {
+    /// The first box of a cluster (no seeds), with a key written in `dir`
+    /// and the built binary.
+    fn first(dir: &Path) -> Box_ {
+        Box_ {
+            hostname: "box-1".into(),
+            address: "192.0.2.20/24".into(),
+            gateway: "192.0.2.1".into(),
+            key: write_key(dir),
+            binary: env!("CARGO_BIN_EXE_shoal").into(),
+            cluster_id: "c".into(),
+            seeds: vec![],
+        }
+    }
+
     fn toml(&self) -> String {
         format!(
             r#"hostname = "{}"
@@ -318,15 +332,7 @@ fn sha512sum(path: &Path) -> String {
 #[test]
 fn the_hash_is_the_real_files_and_an_inline_key_is_written_0600() {
     let dir = tempfile::tempdir().unwrap();
-    let b = Box_ {
-        hostname: "box-1".into(),
-        address: "192.0.2.20/24".into(),
-        gateway: "192.0.2.1".into(),
-        key: write_key(dir.path()),
-        binary: env!("CARGO_BIN_EXE_shoal").into(),
-        cluster_id: "c".into(),
-        seeds: vec![],
-    };
+    let b = Box_::first(dir.path());
     let conf = dir.path().join("box.toml");
     std::fs::write(&conf, b.toml()).unwrap();
     let out = dir.path().join("box.ign");
@@ -363,16 +369,7 @@ fn the_hash_is_the_real_files_and_an_inline_key_is_written_0600() {
 #[test]
 fn bad_configs_name_their_field() {
     let dir = tempfile::tempdir().unwrap();
-    let good = Box_ {
-        hostname: "box-1".into(),
-        address: "192.0.2.20/24".into(),
-        gateway: "192.0.2.1".into(),
-        key: write_key(dir.path()),
-        binary: env!("CARGO_BIN_EXE_shoal").into(),
-        cluster_id: "c".into(),
-        seeds: vec![],
-    }
-    .toml();
+    let good = Box_::first(dir.path()).toml();
     let cases: &[(&str, &str, &str)] = &[
         ("hostname = \"box-1\"", "hostname = \"-box\"", "hostname"),
         (

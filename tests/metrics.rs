@@ -10,7 +10,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -183,18 +182,6 @@ fn promtool_check(text: &str) -> Result<Option<String>> {
         out.status
     );
     Ok(Some(findings))
-}
-
-/// Writes an lz4 file of `size` bytes that are not the layer's.
-fn corrupt_layer(path: &Path, size: u64) -> Result<()> {
-    let mut bytes = random_bytes(size as usize);
-    bytes[0] ^= 1;
-    let f = std::fs::File::create(path)?;
-    let mut enc = lz4::EncoderBuilder::new().build(f)?;
-    std::io::Write::write_all(&mut enc, &bytes)?;
-    let (_, res) = enc.finish();
-    res?;
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::Path;
 
 use anyhow::Result;
 use common::*;
@@ -386,18 +385,6 @@ async fn corrupted_layer_fails_clearly_and_tags_nothing() -> Result<()> {
     // Its room is free again.
     let info: Value = node.client.get("/v1/node").await?;
     assert_eq!(info["memory_committed"], 0);
-    Ok(())
-}
-
-/// Writes an lz4 file of `size` bytes that are not the layer's.
-fn corrupt_layer(path: &Path, size: u64) -> Result<()> {
-    let mut bytes = random_bytes(size as usize);
-    bytes[0] ^= 1;
-    let f = std::fs::File::create(path)?;
-    let mut enc = lz4::EncoderBuilder::new().build(f)?;
-    std::io::Write::write_all(&mut enc, &bytes)?;
-    let (_, res) = enc.finish();
-    res?;
     Ok(())
 }
 

@@ -16,6 +16,9 @@ use super::{body_bytes, parse_body, ApiError, AppState, Caller};
 use crate::drain::{DrainRequest, Maintenance, NodeDrain};
 use crate::model::ErrorBody;
 
+/// Serializes drain changes on this node (one daemon per process).
+static CHANGE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[utoipa::path(
     post,
     path = "/v1/node/drain",
@@ -36,6 +39,10 @@ pub async fn drain_node(
 ) -> Result<Json<NodeDrain>, ApiError> {
     let body = body_bytes(req).await?;
     let req: DrainRequest = parse_body(&body)?;
+    // One change at a time: the decision, the file and the node's state
+    // must not interleave with another call's (a drain and an undo at once
+    // could leave the file drained and the node not).
+    let _one = CHANGE.lock().await;
     let envs = s.envs.clone();
     let node = envs.settings().name.clone();
     let current = envs.drain_state().maintenance;

@@ -422,8 +422,8 @@ impl Gossip {
     pub async fn state(&self) -> inspect::GossipState {
         let chitchat = self.handle.chitchat();
         let guard = chitchat.lock().await;
-        // Read the heartbeats first, so last_seen and phi are fresh.
-        build_view(&guard, &self.self_id, &self.seen, self.prior);
+        // Note the heartbeats first, so last_seen and phi are fresh.
+        record_heartbeats(&guard, &self.self_id, &self.seen);
         inspect::build(&guard, &self.self_id, &self.seen, self.prior)
     }
 

@@ -555,3 +555,15 @@ pub fn forged_ack(key: &str, node: (&str, u64, u16), ip: [u8; 4]) -> Vec<u8> {
     b.push(0); // no more blocks
     b
 }
+
+/// Writes an lz4 file of `size` bytes that are not the layer's.
+pub fn corrupt_layer(path: &Path, size: u64) -> Result<()> {
+    let mut bytes = random_bytes(size as usize);
+    bytes[0] ^= 1;
+    let f = std::fs::File::create(path)?;
+    let mut enc = lz4::EncoderBuilder::new().build(f)?;
+    std::io::Write::write_all(&mut enc, &bytes)?;
+    let (_, res) = enc.finish();
+    res?;
+    Ok(())
+}
